@@ -59,11 +59,13 @@ class ResumableBatchSampler:
     """The outermost batch sampler: forwards ``set_epoch`` down the chain and, after a restart,
     skips the batches of the interrupted epoch that were already trained."""
 
-    def __init__(self, inner: Any, base_sampler: Any) -> None:
+    def __init__(self, inner: Any, base_sampler: Any, batch_size: int) -> None:
         self.inner = inner
+        #: the user's batch size (plugins may yield other sizes); DeepSpeed's config reads it
+        self.batch_size = batch_size
         # Lightning calls set_epoch on ``batch_sampler.sampler``: point it at the shard sampler.
         self.sampler = base_sampler
-        self.epoch = 0
+        self.epoch: int | None = None  # the epoch the chain was last told about
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained)
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,8 +83,12 @@ class ResumableBatchSampler:
         self._resume = None
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Lightning may create and discard an iterator before the epoch starts, so the skip is
-        # tied to the epoch and cleared only once training has moved on (clear_resume).
+        # Lightning sets the epoch on the shard sampler only, and on resume it creates the iterator
+        # before any epoch-start hook runs: bring the plugin chain to the shard's epoch here.
+        if self.epoch != self.sampler.epoch:
+            self.set_epoch(self.sampler.epoch)
+        # The skip is tied to the epoch and cleared only once training has moved on (clear_resume),
+        # so an iterator Lightning creates and discards does not consume it.
         skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
         for i, batch in enumerate(self.inner):
             if i >= skip:
@@ -181,7 +187,7 @@ def build_train_loader(loader: DataLoader, host: Any, *, progress: Any) -> DataL
     )
     base = BatchSampler(shard, loader.batch_size, loader.drop_last)
     chained = host.chain("batchkit_wrap_batch_sampler", base, dataset=loader.dataset, ctx=ctx)
-    outer = ResumableBatchSampler(chained, shard)
+    outer = ResumableBatchSampler(chained, shard, loader.batch_size)
     check_same_length_on_all_ranks(outer, host)
     return BatchKitDataLoader(loader.dataset, batch_sampler=outer, progress=progress, **common)
 

@@ -130,7 +130,7 @@ class PluginHost:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"batchkit: plugin {name!r} is invalid: {exc}") from None
+            raise PluginError(f"batchkit: plugin {name!r} is invalid: " + str(exc).replace("\n", "; ")) from None
         try:
             self.pm.check_pending()  # a decorated method whose name is not a hook (a typo)
         except pluggy.PluginValidationError as exc:

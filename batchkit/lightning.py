@@ -96,11 +96,11 @@ class BatchKitCallback(Callback):
         ctx.trainer, ctx.module, ctx.stage = trainer, pl_module, stage
         ctx.rank, ctx.world_size = trainer.global_rank, trainer.world_size
         ctx.accumulate_grad_batches = trainer.accumulate_grad_batches
+        # Plugins check the module first, so a missing protocol fails before anything is patched.
+        self.host.notify("batchkit_setup", host=self.host, trainer=trainer, module=pl_module, stage=stage)
         if stage == "fit":
             self._patch_training_step(pl_module)
             self._patch_configure_optimizers(pl_module)
-            self._patch_train_dataloader(trainer, pl_module)
-        self.host.notify("batchkit_setup", host=self.host, trainer=trainer, module=pl_module, stage=stage)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._unpatch()
@@ -188,6 +188,9 @@ class BatchKitCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
+        # Here, not in setup: plugin state is restored from a checkpoint between the two, and the
+        # sampler chain must be built from the restored state.
+        self._patch_train_dataloader(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ctx = self.host.ctx
@@ -201,8 +204,6 @@ class BatchKitCallback(Callback):
         ctx.epoch = trainer.current_epoch
         self._progress.epoch = ctx.epoch
         self._progress.batches_done = 0
-        for loader in self._loaders:
-            loader.batch_sampler.set_epoch(ctx.epoch)
         self.host.notify("batchkit_epoch_start", epoch=ctx.epoch, ctx=ctx)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -1,0 +1,76 @@
+"""A 2-process training job run by the multi-process tests (DDP on gloo, DeepSpeed ZeRO-2 on CPU).
+
+Lightning's launcher starts rank 1 by re-running this script, so it must be a plain script, not a
+pytest test. Each rank writes what its recording plugin saw to ``OUT/rank<r>.json``.
+
+    python tests/dist_job.py --strategy ddp|deepspeed --out DIR [--accumulate N] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from helpers import IndexedDataset  # noqa: E402
+from helpers import RecordingPlugin  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from batchkit import dist  # noqa: E402
+from batchkit.lightning import BatchKitCallback  # noqa: E402
+from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["ddp", "deepspeed"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+
+    from helpers import TinyModule
+
+    pl.seed_everything(0)
+    recorder = RecordingPlugin()
+    strategy = "ddp" if args.strategy == "ddp" else CPUDeepSpeedStrategy(stage=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=[BatchKitCallback([recorder])],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    # 90 samples, batch 8, 2 ranks: 45 per rank -> 6 batches each (the last one short).
+    loader = DataLoader(IndexedDataset(n=90), batch_size=8, shuffle=True)
+    module = TinyModule()
+    trainer.fit(module, loader)
+    # A collective after fit: hangs (and the test times out) if the ranks fell out of step.
+    total = dist.all_reduce(torch.tensor([float(len(module.seen))]))
+    params = {k: v.detach().cpu().tolist() for k, v in module.state_dict().items()} if args.strategy == "ddp" else {}
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "events": recorder.events,
+        "seen": module.seen,
+        "total_batches_all_ranks": float(total.item()),
+        "params": params,
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
