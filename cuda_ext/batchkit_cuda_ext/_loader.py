@@ -63,7 +63,7 @@ def _build(kind: str) -> ctypes.CDLL:
         # -fno-math-errno lets sqrtf vectorize; -march=native is safe because the build
         # is cached per machine (the cache key includes the architecture).
         extra = dict(
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++17"],
             extra_ldflags=["-fopenmp"],
         )
     else:

@@ -96,7 +96,8 @@ void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk ck = chunks[c];
     const bk::LambStepConsts sc = bk::lamb_step_consts(h, *step[ck.tensor]);
-    const float ratio = bk::lamb_trust_ratio(sq[2 * ck.tensor], sq[2 * ck.tensor + 1], lr, h);
+    const float decay = bk::lamb_decay(lr, h);
+    const float lr_ratio = lr * bk::lamb_trust_ratio(sq[2 * ck.tensor], sq[2 * ck.tensor + 1], decay, h);
     T* xp = static_cast<T*>(x[ck.tensor]) + ck.start;
     const float* mp = m[ck.tensor] + ck.start;
     const float* vp = v[ck.tensor] + ck.start;
@@ -104,7 +105,7 @@ void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
     for (int64_t i = 0; i < ck.len; ++i) {
       const float xi = bk::to_float(xp[i]);
       const float u = bk::lamb_direction(mp[i], vp[i], xi, h, sc);
-      bk::from_float(&xp[i], bk::lamb_apply(xi, u, lr, ratio, h));
+      bk::from_float(&xp[i], bk::lamb_apply(xi, u, lr_ratio, decay, h));
     }
   }
 }

@@ -114,11 +114,12 @@ lamb_pass2_kernel(TensorMeta<3> meta, bk::LambHyper h, const float* lr_ptr, cons
   const int t = meta.index[slot];
   const float lr = *lr_ptr;
   const bk::LambStepConsts sc = bk::lamb_step_consts(h, *meta.step[slot]);
-  const float ratio = bk::lamb_trust_ratio(sq[2 * t], sq[2 * t + 1], lr, h);
+  const float decay = bk::lamb_decay(lr, h);
+  const float lr_ratio = lr * bk::lamb_trust_ratio(sq[2 * t], sq[2 * t + 1], decay, h);
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     const float xi = bk::to_float(x[i]);
     const float u = bk::lamb_direction(m[i], v[i], xi, h, sc);
-    bk::from_float(&x[i], bk::lamb_apply(xi, u, lr, ratio, h));
+    bk::from_float(&x[i], bk::lamb_apply(xi, u, lr_ratio, decay, h));
   }
 }
 

@@ -115,7 +115,8 @@ BK_HD LambStepConsts lamb_step_consts(const LambHyper& h, float step) {
 BK_HD void lamb_moments(float g, float x, float& m, float& v, const LambHyper& h) {
   if (h.wd_mode == kL2) g += h.weight_decay * x;
   m = static_cast<float>(h.beta1) * m + h.beta3 * g;
-  v = static_cast<float>(h.beta2) * v + (1.0f - static_cast<float>(h.beta2)) * g * g;
+  // 1 - beta2 in double: in fp32, 1 - 0.999f loses 4 digits to cancellation
+  v = static_cast<float>(h.beta2) * v + static_cast<float>(1.0 - h.beta2) * g * g;
 }
 
 // Update direction u = m_hat / (sqrt(v_hat) + eps) [+ wd*x]. Recomputed in pass 2
@@ -128,21 +129,29 @@ BK_HD float lamb_direction(float m, float v, float x, const LambHyper& h, const 
 
 // Layer-wise ratio phi(||x||) / ||u|| from the squared norms of the whole parameter.
 // Ratio 1 where either norm is zero (fresh zero-initialised layers, zero gradients).
-BK_HD float lamb_trust_ratio(float x_sq, float u_sq, float lr, const LambHyper& h) {
+// Factor of decoupled decay, x <- x * (1 - lr*wd); 1 otherwise. In double, once per tensor,
+// so that it rounds like the host-side (Python float) computation of the other paths.
+BK_HD float lamb_decay(float lr, const LambHyper& h) {
+  if (h.wd_mode != kDecoupled) return 1.0f;
+  return static_cast<float>(1.0 - static_cast<double>(lr) * static_cast<double>(h.weight_decay));
+}
+
+BK_HD float lamb_trust_ratio(float x_sq, float u_sq, float decay, const LambHyper& h) {
   if (!h.adapt) return 1.0f;
   float x_norm = sqrtf(x_sq);
   float u_norm = sqrtf(u_sq);
   // decoupled decay shrinks x before the ratio is taken (timm ordering)
-  if (h.wd_mode == kDecoupled) x_norm *= fabsf(1.0f - lr * h.weight_decay);
+  if (h.wd_mode == kDecoupled) x_norm *= fabsf(decay);
   if (!(x_norm > 0.0f) || !(u_norm > 0.0f)) return 1.0f;
   float phi = fminf(fmaxf(x_norm, h.phi_lo), h.phi_hi);
   float r = phi / u_norm;
   return fminf(fmaxf(r, h.ratio_lo), h.ratio_hi);
 }
 
-BK_HD float lamb_apply(float x, float u, float lr, float ratio, const LambHyper& h) {
-  if (h.wd_mode == kDecoupled) x = x * (1.0f - lr * h.weight_decay);
-  return x - (lr * ratio) * u;
+// x_{t+1} = decay * x_t - (lr * ratio) * u; lr_ratio = lr * ratio is computed once per tensor.
+BK_HD float lamb_apply(float x, float u, float lr_ratio, float decay, const LambHyper& h) {
+  if (h.wd_mode == kDecoupled) x = x * decay;
+  return x - lr_ratio * u;
 }
 
 // ---------------------------------------------------------------- LARS
