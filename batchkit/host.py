@@ -86,6 +86,8 @@ class _Impl:
     plugin_name: str
     function: Any
     argnames: tuple[str, ...]
+    #: the implementation takes every argument of the hook, so kwargs pass through unfiltered
+    takes_all: bool
     timing: list[int] = field(default_factory=lambda: [0, 0])  # [calls, total ns]
 
 
@@ -206,8 +208,9 @@ class PluginHost:
             tier = 0 if impl.tryfirst else (2 if impl.trylast else 1)
             return (tier, int(getattr(impl.plugin, "order", 0)), registration[impl.plugin_name])
 
+        spec_args = set(getattr(self.pm.hook, hook_name).spec.argnames)
         impls = [
-            _Impl(impl.plugin_name, impl.function, tuple(impl.argnames))
+            _Impl(impl.plugin_name, impl.function, tuple(impl.argnames), set(impl.argnames) == spec_args)
             for impl in sorted(raw, key=key)
         ]
         self._impls[hook_name] = impls
@@ -228,12 +231,18 @@ class PluginHost:
 
     def chain(self, hook_name: str, value: Any, **kwargs: Any) -> Any:
         """Run the transform chain ``hook_name`` starting from ``value``; return the final value."""
+        impls = self._impls.get(hook_name)
+        if impls is None:
+            impls = self._prepared(hook_name)
         carrier = CHAIN_HOOKS[hook_name]
-        for impl in self._prepared(hook_name):
+        for impl in impls:
             kwargs[carrier] = value
             start = time.perf_counter_ns()
             try:
-                result = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                if impl.takes_all:
+                    result = impl.function(**kwargs)
+                else:
+                    result = impl.function(**{a: kwargs[a] for a in impl.argnames})
             except Exception as exc:
                 _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
                 raise
@@ -246,10 +255,16 @@ class PluginHost:
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of the notification hook ``hook_name``."""
-        for impl in self._prepared(hook_name):
+        impls = self._impls.get(hook_name)
+        if impls is None:
+            impls = self._prepared(hook_name)
+        for impl in impls:
             start = time.perf_counter_ns()
             try:
-                impl.function(**{a: kwargs[a] for a in impl.argnames})
+                if impl.takes_all:
+                    impl.function(**kwargs)
+                else:
+                    impl.function(**{a: kwargs[a] for a in impl.argnames})
             except Exception as exc:
                 _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
                 raise
@@ -293,6 +308,8 @@ class PluginHost:
         self._metrics[key] = float(value)
 
     def pop_metrics(self) -> dict[str, float]:
+        if not self._metrics:
+            return {}
         metrics, self._metrics = self._metrics, {}
         return metrics
 

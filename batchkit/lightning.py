@@ -18,6 +18,8 @@ Where Lightning has no public way to do what a stage needs, this module says so 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -335,6 +337,21 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """
 
     strategy_name = "deepspeed_cpu"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # DeepSpeed picks its accelerator once, on first import; make that choice CPU if it has not
+        # been made yet, and refuse clearly if it was made otherwise.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "deepspeed" in sys.modules:
+            from deepspeed.accelerator import get_accelerator
+
+            if get_accelerator().device_name() != "cpu":
+                raise PluginError(
+                    "batchkit: CPUDeepSpeedStrategy needs DeepSpeed's CPU accelerator, but deepspeed was "
+                    f"imported with {get_accelerator().device_name()!r}; set DS_ACCELERATOR=cpu before "
+                    "anything imports deepspeed"
+                )
+        super().__init__(*args, **kwargs)
 
     def setup_environment(self) -> None:
         # Skip DeepSpeedStrategy's CUDA accelerator check; DDPStrategy sets up the process group.
