@@ -1,0 +1,153 @@
+"""Resume exactly from a state_dict (fp32 state kept fp32), and reject bad input clearly."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from batchkit_lamb_lars import Lamb, Lars, layerwise_param_groups
+
+IMPLS = ["reference", "foreach", "fused"]
+CASES = [(Lamb, dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0)), (Lars, dict(lr=0.5, momentum=0.9, weight_decay=1e-4))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls,config", CASES, ids=["lamb", "lars"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_equals_uninterrupted(cls, config, impl, dtype, h, fused_cpu):
+    k, total = 4, 10
+    straight, _ = h.run_steps(lambda ps: cls(ps, impl=impl, **config), steps=total, dtype=dtype)
+
+    first, opt = h.run_steps(lambda ps: cls(ps, impl=impl, **config), steps=k, dtype=dtype)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in first], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    restored = [p.clone().requires_grad_() for p in saved["params"]]
+    opt2 = cls(restored, impl=impl, **config)
+    opt2.load_state_dict(saved["opt"])
+    for p in restored:  # torch's own load would have cast these to bf16
+        for name, value in opt2.state[p].items():
+            assert value.dtype == torch.float32, name
+    resumed, _ = h.run_steps(None, steps=total - k, start=k, params=restored, opt=opt2)
+    assert h.max_abs_diff(resumed, straight) == 0.0
+
+
+def test_torch_default_load_would_downcast(h):
+    """Shows what the load_state_dict override protects against (so the test above can fail)."""
+    params, opt = h.run_steps(lambda ps: Lamb(ps, impl="foreach"), steps=2, dtype=torch.bfloat16)
+    plain = torch.optim.Optimizer.__new__(Lamb)
+    plain.__dict__.update(opt.__dict__)
+    torch.optim.Optimizer.load_state_dict(plain, opt.state_dict())
+    assert plain.state[params[2]]["exp_avg"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(lr=-1e-3), "lr=-0.001"),
+        (dict(betas=(1.0, 0.999)), "betas[0]=1.0"),
+        (dict(betas=(0.9, -0.1)), "betas[1]=-0.1"),
+        (dict(eps=0.0), "eps=0.0"),
+        (dict(eps=-1e-8), "eps=-1e-08"),
+        (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+        (dict(weight_decay_mode="adamw"), "weight_decay_mode='adamw'"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0"),
+        (dict(impl="cuda"), "impl='cuda'"),
+        (dict(trust_clamp=(2.0, 1.0)), "trust_clamp=(2.0, 1.0)"),
+    ],
+)
+def test_lamb_rejects_bad_options(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        Lamb([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_bad_option_in_a_param_group_is_caught():
+    with pytest.raises(ValueError, match=r"lr=-1"):
+        Lamb([{"params": [torch.zeros(2, requires_grad=True)], "lr": -1}])
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(lr=-0.1), "lr=-0.1"),
+        (dict(momentum=-0.9), "momentum=-0.9"),
+        (dict(trust_coeff=0.0), "trust_coeff=0.0"),
+        (dict(eps=-1.0), "eps=-1.0"),
+        (dict(nesterov=True, momentum=0.0), "nesterov=True"),
+        (dict(trust_clip=True, lr=0.0), "trust_clip=True"),
+    ],
+)
+def test_lars_rejects_bad_options(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        Lars([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_gradients_fail_at_first_step(cls, impl):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = cls(emb.parameters(), impl=impl)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients.*sparse=False"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_mixed_devices_fail_at_construction(cls):
+    with pytest.raises(ValueError, match=r"several devices \(cpu, meta\).*model.to"):
+        cls([torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)])
+    opt = cls([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="several devices"):
+        opt.add_param_group({"params": [torch.zeros(2, device="meta", requires_grad=True)]})
+
+
+def test_max_grad_norm_zero_disables_clipping_instead_of_zeroing(h):
+    """apex divides by max_grad_norm=0 and zeroes every gradient; 0 means 'off' here."""
+    a, _ = h.run_steps(lambda ps: Lamb(ps, impl="foreach", max_grad_norm=0.0), steps=3)
+    b, _ = h.run_steps(lambda ps: Lamb(ps, impl="foreach", max_grad_norm=None), steps=3)
+    assert h.max_abs_diff(a, b) == 0.0 and h.max_abs_diff(a, h.make_params()) > 0
+
+
+def test_fused_falls_back_to_foreach_with_one_warning(monkeypatch, h):
+    from batchkit_cuda_ext import FusedUnavailableWarning, _loader
+
+    def no_compiler(kind):
+        raise OSError("no compiler (simulated)")
+
+    _loader._reset_for_tests()
+    monkeypatch.setattr(_loader, "_build", no_compiler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused"), steps=3)
+            Lars(h.make_params(), impl="fused").step()  # a second optimizer: still no new warning
+        relevant = [w for w in caught if issubclass(w.category, FusedUnavailableWarning)]
+        assert len(relevant) == 1
+        assert "no compiler (simulated)" in str(relevant[0].message) and "foreach" in str(relevant[0].message)
+        foreach, _ = h.run_steps(lambda ps: Lamb(ps, impl="foreach"), steps=3)
+        assert h.max_abs_diff(fused, foreach) == 0.0
+    finally:
+        _loader._reset_for_tests()
+
+
+def test_layerwise_param_groups_excludes_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2, bias=False))
+    groups = layerwise_param_groups(model, weight_decay=0.05)
+    adapted, excluded = groups
+    assert {id(p) for p in adapted["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert {id(p) for p in excluded["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+    assert adapted["weight_decay"] == 0.05 and adapted["adapt"]
+    assert excluded["weight_decay"] == 0.0 and not excluded["adapt"]
+    opt = Lamb(groups, lr=1e-2)
+    before = model[1].weight.detach().clone()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    # excluded => plain Adam step of size ~lr per element, not a trust-ratio-scaled one
+    assert (model[1].weight.detach() - before).abs().max().item() == pytest.approx(1e-2, rel=1e-3)
