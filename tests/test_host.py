@@ -233,3 +233,18 @@ def test_dist_helpers_are_noops_in_one_process() -> None:
     assert (dist.get_rank(), dist.get_world_size(), dist.is_distributed()) == (0, 1, False)
     with pytest.raises(ValueError, match="op='avg'"):
         dist.all_reduce(t, "avg")  # type: ignore[arg-type]
+
+
+def test_hook_reference_is_generated_from_the_hookspecs() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("make_hooks_md", docs / "make_hooks_md.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (docs / "hooks.md").read_text() == module.render(), "run: python docs/make_hooks_md.py"
+    from batchkit import hookspecs
+
+    documented = {n for _, names in module.SECTIONS for n in names}
+    assert documented == {n for n in dir(hookspecs) if n.startswith("batchkit_")}
