@@ -23,9 +23,27 @@ from helpers import IndexedDataset  # noqa: E402
 from helpers import RecordingPlugin  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from typing import Any  # noqa: E402
+
+from batchkit import Plugin  # noqa: E402
 from batchkit import dist  # noqa: E402
+from batchkit import hookimpl  # noqa: E402
 from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
+
+
+class FailOnRank(Plugin):
+    """Raises in the batch stage on one rank only, at optimizer step 3."""
+
+    name = "fail_on_rank"
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    @hookimpl
+    def batchkit_transform_batch(self, ctx: Any) -> None:
+        if ctx.rank == self.rank and ctx.global_step == 3:
+            raise RuntimeError(f"plugin failure on rank {ctx.rank}")
 
 
 def main() -> None:
@@ -34,12 +52,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--fail-on-rank", type=int, default=None, help="this rank's plugin raises at step 3")
     args = parser.parse_args()
 
     from helpers import TinyModule
 
     pl.seed_everything(0)
     recorder = RecordingPlugin()
+    plugins = [recorder]
+    if args.fail_on_rank is not None:
+        plugins.append(FailOnRank(args.fail_on_rank))
     strategy = "ddp" if args.strategy == "ddp" else CPUDeepSpeedStrategy(stage=2)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -47,7 +69,7 @@ def main() -> None:
         strategy=strategy,
         max_epochs=args.epochs,
         accumulate_grad_batches=args.accumulate,
-        callbacks=[BatchKitCallback([recorder])],
+        callbacks=[BatchKitCallback(plugins)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

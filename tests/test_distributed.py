@@ -20,12 +20,16 @@ pytestmark = pytest.mark.multiprocess
 JOB = Path(__file__).parent / "dist_job.py"
 
 
-def run_job(tmp_path: Path, *args: str) -> list[dict]:
+def launch(tmp_path: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(JOB), "--out", str(tmp_path), *args],
-        env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
     )
+
+
+def run_job(tmp_path: Path, *args: str) -> list[dict]:
+    proc = launch(tmp_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -70,3 +74,14 @@ def test_deepspeed_zero2_two_processes_with_accumulation(tmp_path: Path) -> None
         assert ends == [1, 2, 3, 4, 5, 6]
         wrapped = [e for e in r["events"] if e["hook"] == "wrap_optimizer"]
         assert len(wrapped) == 1
+
+
+@pytest.mark.parametrize("failing_rank", [1])
+def test_a_plugin_failure_on_one_rank_ends_every_rank(tmp_path: Path, failing_rank: int) -> None:
+    # Rank 1 is the process Lightning launched; if its failure left rank 0 waiting in a collective,
+    # this would run into the timeout instead of exiting with the plugin's error.
+    proc = launch(tmp_path, "--strategy", "ddp", "--fail-on-rank", str(failing_rank), timeout=240)
+    assert proc.returncode != 0
+    assert f"plugin failure on rank {failing_rank}" in proc.stderr
+    assert "raised by plugin 'fail_on_rank' in batchkit_transform_batch" in proc.stderr
+    assert not list(tmp_path.glob("rank*.json"))  # no rank reached the end of training
