@@ -129,6 +129,8 @@ class BatchKitCallback(Callback):
     # -- stage 1 + 2: the train DataLoader ----------------------------------------------------
 
     def _wrap_loaders(self, loaders: Any) -> Any:
+        self._loaders = []  # a reload replaces the previous loaders
+
         def wrap(loader: DataLoader) -> DataLoader:
             new = build_train_loader(loader, self.host, progress=self._progress)
             if isinstance(new, BatchKitDataLoader):
@@ -270,12 +272,12 @@ def _ends_optimizer_step(trainer: Trainer, batch_idx: int) -> bool:
 def _replace_optimizers(config: Any, host: PluginHost, module: LightningModule) -> Any:
     """Run the optimizer chain on every optimizer in a ``configure_optimizers`` result, and point
     the result's LR schedulers at the replacements."""
-    replaced: dict[int, torch.optim.Optimizer] = {}
+    replaced: dict[int, tuple[torch.optim.Optimizer, torch.optim.Optimizer]] = {}  # id(old) -> (old, new)
 
     def swap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         new = host.chain("batchkit_wrap_optimizer", opt, module=module, ctx=host.ctx)
         if new is not opt:
-            replaced[id(opt)] = (opt, new)  # type: ignore[assignment]
+            replaced[id(opt)] = (opt, new)
         return new
 
     config = apply_to_collection(config, torch.optim.Optimizer, swap)
@@ -284,7 +286,7 @@ def _replace_optimizers(config: Any, host: PluginHost, module: LightningModule) 
         pair = replaced.get(id(getattr(scheduler, "optimizer", None)))
         if pair is None:
             return scheduler
-        old, new = pair  # type: ignore[misc]
+        old, new = pair
         if len(old.param_groups) != len(new.param_groups):
             raise PluginError(
                 f"batchkit: the optimizer chain {host.chain_order('batchkit_wrap_optimizer')} replaced an "
