@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(wildcard cuda_ext/pyproject.toml plugins/*/pyproject.
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/batchkit fit --config examples/mnist/demo.yaml
+	$(VENV)/bin/batchkit fit --config examples/mnist_demo.yaml
 
 test: install
 	$(PY) -m pytest -q
