@@ -1,0 +1,108 @@
+"""Under DeepSpeed ZeRO-1/2 (2 CPU processes, gloo) trust ratios use whole-parameter norms:
+20 steps equal the single-process run to 1e-5, for LAMB and LARS, and the same run with
+shard-local norms (zero_aware=False, the naive behaviour) does not.
+
+Multi-process: each module-scoped run starts 2 processes (about 15-25 s each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.multiprocess
+
+HERE = Path(__file__).resolve().parent
+FUSED_SCENARIOS = ["lamb_groups", "lamb_clip_one_group", "lars_groups", "lamb_stage1", "lamb_shard_local",
+                   "lars_shard_local"]
+FOREACH_SCENARIOS = ["lamb_groups", "lars_groups"]
+
+
+def _env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def _run(cmd: list[str], out: Path) -> None:
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    out = {}
+    for impl, scenarios in (("auto", FUSED_SCENARIOS), ("foreach", FOREACH_SCENARIOS)):
+        folder = tmp_path_factory.mktemp(f"zero_{impl}")
+        _run([sys.executable, str(HERE / "zero_worker.py"), str(folder), impl, *scenarios], folder)
+        for s in scenarios:
+            out[(impl, s)] = (torch.load(folder / f"{s}.pt"), torch.load(folder / f"{s}.single.pt"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "impl,scenario",
+    [("auto", s) for s in FUSED_SCENARIOS if "shard_local" not in s] + [("foreach", s) for s in FOREACH_SCENARIOS],
+)
+def test_zero_matches_single_process(deepspeed_runs, impl, scenario):
+    zero, single = deepspeed_runs[(impl, scenario)]
+    assert _max_diff(zero, single) <= 1e-5
+
+
+@pytest.mark.parametrize("scenario", ["lamb_shard_local", "lars_shard_local"])
+def test_shard_local_norms_are_caught(deepspeed_runs, scenario):
+    """The bug this guards against (DeepSpeed #490) is visible at the same tolerance."""
+    zero, single = deepspeed_runs[("auto", scenario)]
+    assert _max_diff(zero, single) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_lightning_cpu_deepspeed_strategy_with_plugin(name, tmp_path):
+    """The plugin path end to end: Lightning + batchkit.CPUDeepSpeedStrategy(stage=2)."""
+    pytest.importorskip("batchkit.lightning")
+    _run([sys.executable, str(HERE / "lightning_zero_job.py"), str(tmp_path), name], tmp_path)
+    result = torch.load(tmp_path / f"{name}.pt")
+    assert result["optimizer_type"] == ("Lamb" if name == "lamb" else "Lars")
+
+    spec = importlib.util.spec_from_file_location("lightning_zero_job", HERE / "lightning_zero_job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    from batchkit_lamb_lars import Lamb, Lars, layerwise_param_groups
+
+    model = job.build_model()
+    options = job.PLUGIN_OPTIONS[name]
+    cls = Lamb if name == "lamb" else Lars
+    opt = cls(layerwise_param_groups(model, weight_decay=options["weight_decay"]),
+              **{k: v for k, v in options.items() if k != "weight_decay"})
+    for x, y in job.global_batches():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert _max_diff(result["params"], model.state_dict()) <= 1e-5
+
+
+def test_max_grad_norm_with_several_groups_under_zero_is_refused():
+    """DeepSpeed shows one group's gradient shard at a time, so a global norm is not visible:
+    the optimizer refuses instead of clipping by a partial norm."""
+    from batchkit_lamb_lars import Lamb
+
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
+    opt = Lamb([{"params": [a]}, {"params": [b]}], max_grad_norm=1.0)
+    flat = torch.nn.Parameter(torch.ones(3))  # what a ZeRO wrapper puts in param_groups
+    flat.grad = torch.ones(3)
+    a._hp_mapping = None
+    b._hp_mapping = None
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        opt.step()
