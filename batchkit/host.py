@@ -90,6 +90,20 @@ class _Impl:
     takes_all: bool
     timing: list[int] = field(default_factory=lambda: [0, 0])  # [calls, total ns]
 
+    def __call__(self, hook_name: str, kwargs: dict[str, Any]) -> Any:
+        """Call the implementation with the arguments it takes, timed; a failure names the plugin."""
+        start = time.perf_counter_ns()
+        try:
+            if self.takes_all:
+                return self.function(**kwargs)
+            return self.function(**{a: kwargs[a] for a in self.argnames})
+        except Exception as exc:
+            _add_note(exc, f"batchkit: raised by plugin {self.plugin_name!r} in {hook_name}")
+            raise
+        finally:
+            self.timing[0] += 1
+            self.timing[1] += time.perf_counter_ns() - start
+
 
 class PluginHost:
     """Holds the registered plugins and calls their hooks.
@@ -231,24 +245,11 @@ class PluginHost:
 
     def chain(self, hook_name: str, value: Any, **kwargs: Any) -> Any:
         """Run the transform chain ``hook_name`` starting from ``value``; return the final value."""
-        impls = self._impls.get(hook_name)
-        if impls is None:
-            impls = self._prepared(hook_name)
         carrier = CHAIN_HOOKS[hook_name]
-        for impl in impls:
+        impls = self._impls.get(hook_name)
+        for impl in impls if impls is not None else self._prepared(hook_name):
             kwargs[carrier] = value
-            start = time.perf_counter_ns()
-            try:
-                if impl.takes_all:
-                    result = impl.function(**kwargs)
-                else:
-                    result = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except Exception as exc:
-                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
-                raise
-            finally:
-                impl.timing[0] += 1
-                impl.timing[1] += time.perf_counter_ns() - start
+            result = impl(hook_name, kwargs)
             if result is not None:
                 value = result
         return value
@@ -256,21 +257,8 @@ class PluginHost:
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of the notification hook ``hook_name``."""
         impls = self._impls.get(hook_name)
-        if impls is None:
-            impls = self._prepared(hook_name)
-        for impl in impls:
-            start = time.perf_counter_ns()
-            try:
-                if impl.takes_all:
-                    impl.function(**kwargs)
-                else:
-                    impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except Exception as exc:
-                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
-                raise
-            finally:
-                impl.timing[0] += 1
-                impl.timing[1] += time.perf_counter_ns() - start
+        for impl in impls if impls is not None else self._prepared(hook_name):
+            impl(hook_name, kwargs)
 
     # -- timing -------------------------------------------------------------------------------
 
