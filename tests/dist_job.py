@@ -46,12 +46,26 @@ class FailOnRank(Plugin):
             raise RuntimeError(f"plugin failure on rank {ctx.rank}")
 
 
+class DropLastBatchOnRank1(Plugin):
+    """A faulty sampler plugin: gives rank 1 one batch fewer than rank 0."""
+
+    name = "drop_on_rank1"
+
+    @hookimpl
+    def batchkit_wrap_batch_sampler(self, batch_sampler: Any, ctx: Any) -> Any:
+        if ctx.rank != 1:
+            return None
+        batches = list(batch_sampler)[:-1]
+        return batches  # a list of index lists is a valid (if static) batch sampler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["ddp", "deepspeed"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--uneven", action="store_true", help="rank 1's sampler plugin drops a batch")
     parser.add_argument("--fail-on-rank", type=int, default=None, help="this rank's plugin raises at step 3")
     args = parser.parse_args()
 
@@ -60,6 +74,8 @@ def main() -> None:
     pl.seed_everything(0)
     recorder = RecordingPlugin()
     plugins = [recorder]
+    if args.uneven:
+        plugins.append(DropLastBatchOnRank1())
     if args.fail_on_rank is not None:
         plugins.append(FailOnRank(args.fail_on_rank))
     strategy = "ddp" if args.strategy == "ddp" else CPUDeepSpeedStrategy(stage=2)

@@ -85,3 +85,10 @@ def test_a_plugin_failure_on_one_rank_ends_every_rank(tmp_path: Path, failing_ra
     assert f"plugin failure on rank {failing_rank}" in proc.stderr
     assert "raised by plugin 'fail_on_rank' in batchkit_transform_batch" in proc.stderr
     assert not list(tmp_path.glob("rank*.json"))  # no rank reached the end of training
+
+
+def test_a_sampler_chain_with_different_lengths_per_rank_is_refused_at_start(tmp_path: Path) -> None:
+    proc = launch(tmp_path, "--strategy", "ddp", "--uneven", timeout=240)
+    assert proc.returncode != 0
+    assert "ranks would run different numbers of batches per epoch ([6, 5])" in proc.stderr
+    assert "['recorder', 'drop_on_rank1']" in proc.stderr
