@@ -84,11 +84,11 @@ def list_plugins(config: str | None = None) -> str:
     for name, info in sorted(installed.items()):
         try:
             factory = info.load()
-            hooks = ", ".join(h.removeprefix("batchkit_") for h in _hooks_of(factory))
+            hook_list = ", ".join(h.removeprefix("batchkit_") for h in _hooks_of(factory))
             order = str(getattr(factory, "order", 0))
         except BatchKitError as exc:
-            hooks, order = f"[red]failed to load: {exc}[/red]", "-"
-        table.add_row(name, info.version, info.distribution, hooks, order)
+            hook_list, order = f"[red]failed to load: {exc}[/red]", "-"
+        table.add_row(name, info.version, info.distribution, hook_list, order)
     with console.capture() as capture:
         console.print(table)
         if config is not None:
@@ -99,8 +99,8 @@ def list_plugins(config: str | None = None) -> str:
             chains = Table(title=f"chain order for {config} (first called first)")
             chains.add_column("hook")
             chains.add_column("plugins, in order")
-            for hook, order in host.describe().items():
-                chains.add_row(hook.removeprefix("batchkit_"), " -> ".join(order))
+            for hook, chain in host.describe().items():
+                chains.add_row(hook.removeprefix("batchkit_"), " -> ".join(chain))
             console.print(chains)
     return capture.get()
 

@@ -105,6 +105,7 @@ class BatchKitDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, *, batch_sampler: ResumableBatchSampler, progress: Any, **kwargs: Any) -> None:
         self._shard_sampler = batch_sampler.sampler
+        self.resumable: ResumableBatchSampler = batch_sampler
         self._progress = progress
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
 
@@ -123,7 +124,7 @@ class BatchKitDataLoader(DataLoader):
         return {"epoch": int(self._progress.epoch), "batches_done": int(self._progress.batches_done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
+        self.resumable.resume_at(int(state["epoch"]), int(state["batches_done"]))
 
 
 def _shuffles(loader: DataLoader) -> bool:

@@ -225,7 +225,7 @@ class BatchKitCallback(Callback):
         ctx = self.host.ctx
         self._progress.batches_done = batch_idx + 1
         for loader in self._loaders:
-            loader.batch_sampler.clear_resume()
+            loader.resumable.clear_resume()
         if ctx.is_last_micro_batch:
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
