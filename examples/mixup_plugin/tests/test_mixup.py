@@ -1,0 +1,46 @@
+"""mixup's formula on a hand-checked case, its option checks, and its resumable random stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchkit_mixup import MixupPlugin
+
+
+def test_mixes_inputs_and_one_hot_labels_with_the_drawn_lambda_and_permutation() -> None:
+    plugin = MixupPlugin(alpha=0.5, num_classes=3, seed=7)
+    rng = np.random.default_rng(7)  # the same stream, to know lambda and the permutation
+    lam = float(rng.beta(0.5, 0.5))
+    perm = rng.permutation(2)
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 2])
+    mixed_x, mixed_y = plugin.batchkit_transform_batch([x, y])
+    onehot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    assert plugin.last_lambda == pytest.approx(lam)
+    assert torch.allclose(mixed_x, lam * x + (1 - lam) * x[perm])
+    assert torch.allclose(mixed_y, lam * onehot + (1 - lam) * onehot[perm])
+    assert torch.allclose(mixed_y.sum(1), torch.ones(2))
+
+
+def test_state_round_trip_continues_the_same_stream() -> None:
+    a = MixupPlugin(seed=1)
+    a.batchkit_transform_batch([torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)])
+    state = a.batchkit_state_dict()
+    b = MixupPlugin(seed=99)
+    b.batchkit_load_state_dict(state)
+    batch = [torch.randn(4, 2), torch.tensor([0, 1, 2, 3])]
+    out_a, out_b = a.batchkit_transform_batch(batch), b.batchkit_transform_batch(batch)
+    assert all(torch.equal(p, q) for p, q in zip(out_a, out_b))
+
+
+def test_bad_options_and_bad_batches_name_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"mixup: alpha must be > 0, got 0.0; use e.g. alpha: 0.2"):
+        MixupPlugin(alpha=0.0)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 2"):
+        MixupPlugin(num_classes=1)
+    with pytest.raises(TypeError, match=r"expects \(inputs, labels\) batches"):
+        MixupPlugin().batchkit_transform_batch(torch.zeros(3))
+    with pytest.raises(TypeError, match=r"is mixup listed twice"):
+        MixupPlugin().batchkit_transform_batch([torch.zeros(2, 1), torch.zeros(2, 3)])
