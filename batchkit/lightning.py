@@ -161,17 +161,20 @@ class BatchKitCallback(Callback):
             return
         original = pl_module.training_step
         ctx = host.ctx
+        # Fixed for the whole fit: plugins are registered before it starts.
+        has_batch = host.has_impls("batchkit_transform_batch")
+        has_loss = host.has_impls("batchkit_transform_loss")
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            batch = host.chain("batchkit_transform_batch", batch, module=pl_module, ctx=ctx)
+            if has_batch:
+                batch = host.chain("batchkit_transform_batch", batch, module=pl_module, ctx=ctx)
             outputs = original(batch, *args, **kwargs)
-            if outputs is None or not host.has_impls("batchkit_transform_loss"):
+            if not has_loss or outputs is None:
                 return outputs
-            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-            loss = host.chain("batchkit_transform_loss", loss, outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
-            if isinstance(outputs, Mapping):
-                return {**outputs, "loss": loss}
-            return loss
+            if isinstance(outputs, torch.Tensor):
+                return host.chain("batchkit_transform_loss", outputs, outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
+            loss = host.chain("batchkit_transform_loss", outputs["loss"], outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
+            return {**outputs, "loss": loss}
 
         self._patch(pl_module, "training_step", training_step)
 
