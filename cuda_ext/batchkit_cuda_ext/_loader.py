@@ -47,11 +47,11 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchkit_cuda_ext"
 
 
-def _build_name(kind: str, sources: list[Path]) -> str:
+def _build_name(kind: str, sources: list[Path], flags: dict) -> str:
     digest = hashlib.sha256()
     for path in [HEADER, *sources]:
         digest.update(path.read_bytes())
-    digest.update(f"{torch.__version__}|{platform.machine()}|{kind}".encode())
+    digest.update(f"{torch.__version__}|{platform.machine()}|{kind}|{sorted(flags.items())}".encode())
     return f"batchkit_optim_{kind}_{digest.hexdigest()[:12]}"
 
 
@@ -66,6 +66,8 @@ def _build(kind: str) -> ctypes.CDLL:
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=c++17"],
             extra_ldflags=["-fopenmp"],
         )
+        # developer knob for tuning experiments (part of the cache key like every flag)
+        extra["extra_cflags"] += os.environ.get("BATCHKIT_EXT_EXTRA_CFLAGS", "").split()
     else:
         sources = [CUDA_SOURCE]
         major, minor = torch.cuda.get_device_capability()
@@ -74,7 +76,7 @@ def _build(kind: str) -> ctypes.CDLL:
             extra_cflags=["-O3", "-std=c++17"],
             extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
         )
-    name = _build_name(kind, sources)
+    name = _build_name(kind, sources, extra)
     build_dir = _cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     path = load(

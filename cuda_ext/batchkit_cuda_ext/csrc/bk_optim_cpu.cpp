@@ -112,7 +112,10 @@ void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
 
 // Tensors are processed in blocks of about this many elements, pass 1 then pass 2
 // per block, so pass 2 re-reads x, m, v from cache rather than from memory.
-constexpr int64_t kBlockElems = 1 << 21;
+#ifndef BK_BLOCK_ELEMS
+#define BK_BLOCK_ELEMS (1 << 21)
+#endif
+constexpr int64_t kBlockElems = BK_BLOCK_ELEMS;
 
 template <typename F>
 void for_each_block(int64_t n, const int64_t* numel, F&& fn) {

@@ -1,0 +1,229 @@
+"""Optimizer step time of LAMB and LARS against torch's fused AdamW, on a BERT-like tensor mix.
+
+    python benchmarks/optimizers.py                # ~50M params, 7 timed steps each, median
+    python benchmarks/optimizers.py --quick        # small mix, for a smoke run
+
+One process, one run: every optimizer gets its own copy of the same parameters and gradients
+(fp32), takes warm-up steps, then the timed steps of all optimizers are interleaved round-robin
+and each one's median step time is reported. "Effective GB/s" divides the bytes each
+algorithm must move at minimum (the model in docs/optimizers.md: AdamW 28 B/param, two-pass
+LAMB 40, LARS 28) by the step time, next to the machine's measured copy bandwidth.
+
+Writes benchmarks/results/optimizers.json (ratios, times, bandwidths, parity vs timm, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+BYTES_PER_PARAM = {"adamw": 28, "lamb": 40, "lars": 28}
+
+
+def bert_like_shapes(layers: int = 4, hidden: int = 768, ffn: int = 3072, vocab: int = 30522) -> list[tuple[int, ...]]:
+    """BERT-base's tensors with ``layers`` encoder layers: ~52M parameters at layers=4."""
+    shapes = [(vocab, hidden), (512, hidden), (2, hidden), (hidden,), (hidden,)]  # embeddings + LayerNorm
+    for _ in range(layers):
+        for _ in range(4):  # Q, K, V, attention output
+            shapes += [(hidden, hidden), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # LayerNorm
+        shapes += [(ffn, hidden), (ffn,), (hidden, ffn), (hidden,)]
+        shapes += [(hidden,), (hidden,)]  # LayerNorm
+    shapes += [(hidden, hidden), (hidden,)]  # pooler
+    return shapes
+
+
+def load_timm_optim(module: str) -> types.ModuleType:
+    """timm.optim.<module> without timm/__init__ (which imports torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    root = Path(list(spec.submodule_search_locations)[0]) / "optim"
+    if "_timm_optim_isolated" not in sys.modules:
+        pkg = types.ModuleType("_timm_optim_isolated")
+        pkg.__path__ = [str(root)]
+        sys.modules["_timm_optim_isolated"] = pkg
+    name = f"_timm_optim_isolated.{module}"
+    file_spec = importlib.util.spec_from_file_location(name, root / f"{module}.py")
+    mod = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = mod
+    file_spec.loader.exec_module(mod)
+    return mod
+
+
+def make_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def copy_bandwidth(n_bytes: int = 1 << 28, repeats: int = 7) -> float:
+    """GB/s of dst.copy_(src) (read + write counted) with torch's threads."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * n_bytes / statistics.median(times) / 1e9
+
+
+def optimizers(params, names):
+    from batchkit_lamb_lars import Lamb, Lars
+
+    timm_lamb = load_timm_optim("lamb").Lamb
+    timm_lars = load_timm_optim("lars").Lars
+    import torch_optimizer
+
+    lamb = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coeff=0.001)
+    factories = {
+        "adamw_fused (torch)": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True),
+        "lamb_fused (ours)": lambda: Lamb(params, impl="fused", **lamb),
+        "lamb_foreach (ours)": lambda: Lamb(params, impl="foreach", **lamb),
+        "lamb (timm)": lambda: timm_lamb(params, max_grad_norm=None, always_adapt=True, **lamb),
+        "lamb (torch-optimizer)": lambda: torch_optimizer.Lamb(params, **lamb),
+        "lars_fused (ours)": lambda: Lars(params, impl="fused", **lars),
+        "lars_foreach (ours)": lambda: Lars(params, impl="foreach", **lars),
+        "lars (timm)": lambda: timm_lars(params, always_adapt=True, **lars),
+    }
+    return {k: v for k, v in factories.items() if not names or k.split(" ")[0] in names}
+
+
+def parity_vs_timm(shapes, steps: int) -> float:
+    """Max |ours fused - timm| over all parameters after ``steps`` LAMB steps (fp32)."""
+    from batchkit_lamb_lars import Lamb
+
+    timm_lamb = load_timm_optim("lamb").Lamb
+    a, b = make_params(shapes, seed=1), make_params(shapes, seed=1)
+    opt_a = Lamb(a, impl="fused", lr=1e-3, weight_decay=0.01)
+    opt_b = timm_lamb(b, lr=1e-3, weight_decay=0.01, max_grad_norm=None, always_adapt=True)
+    for _ in range(steps):
+        opt_a.step()
+        opt_b.step()
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory": mem,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers of the BERT-like mix (4: ~52M params)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="subset, e.g. lamb_fused adamw_fused")
+    parser.add_argument("--parity-steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 layer, small vocab: a smoke run")
+    parser.add_argument("--out", default=str(ROOT / "results" / "optimizers.json"))
+    args = parser.parse_args()
+
+    shapes = bert_like_shapes(layers=1, vocab=2000) if args.quick else bert_like_shapes(layers=args.layers)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    info = machine()
+    print(f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters; {info['cpu']}, {info['cores']} cores, "
+          f"torch {info['torch']} ({info['torch_threads']} threads)", flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s", flush=True)
+
+    # Every optimizer keeps its own parameters and state; the timed steps are interleaved
+    # round-robin, so a burst of load from another process hits all of them alike.
+    names = list(optimizers(None, args.only))
+    runs = {}
+    for name in names:
+        params = make_params(shapes)
+        opt = optimizers(params, [name.split(" ")[0]])[name]()
+        for _ in range(args.warmup):
+            opt.step()
+        runs[name] = (params, opt, [])
+    for _ in range(args.steps):
+        for name in names:
+            opt, times = runs[name][1], runs[name][2]
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    results = {}
+    for name in names:
+        times = runs[name][2]
+        median = statistics.median(times)
+        algo = name.split("_")[0].split(" ")[0]
+        gbs = BYTES_PER_PARAM[algo] * n_params / median / 1e9
+        results[name] = {"median_ms": median * 1e3, "min_ms": min(times) * 1e3, "effective_GBps": gbs,
+                         "bytes_per_param_model": BYTES_PER_PARAM[algo], "times_ms": [t * 1e3 for t in times]}
+        print(f"{name:26s} {median * 1e3:9.1f} ms  (min {min(times) * 1e3:7.1f})  {gbs:6.1f} GB/s "
+              f"= {gbs / bandwidth:5.2f} x copy", flush=True)
+    del runs
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in results and b in results:
+            return results[a]["median_ms"] / results[b]["median_ms"]
+        return None
+
+    parity = parity_vs_timm(shapes, args.parity_steps) if args.parity_steps else None
+    summary = {
+        "lamb_fused_vs_adamw_fused": ratio("lamb_fused (ours)", "adamw_fused (torch)"),
+        "lars_fused_vs_adamw_fused": ratio("lars_fused (ours)", "adamw_fused (torch)"),
+        "lamb_fused_vs_timm_lamb": ratio("lamb_fused (ours)", "lamb (timm)"),
+        "lamb_foreach_vs_adamw_fused": ratio("lamb_foreach (ours)", "adamw_fused (torch)"),
+        "timm_lamb_vs_adamw_fused": ratio("lamb (timm)", "adamw_fused (torch)"),
+        "lars_fused_vs_timm_lars": ratio("lars_fused (ours)", "lars (timm)"),
+        "parity_max_abs_diff": parity,
+        "parity_steps": args.parity_steps,
+        "targets": {"lamb_fused_vs_adamw_fused": 1.5, "lars_fused_vs_adamw_fused": 1.0},
+    }
+    summary["targets_met"] = {
+        k: (summary[k] is not None and summary[k] <= limit) for k, limit in summary["targets"].items()
+    }
+    report = {
+        **summary,
+        "n_params": n_params,
+        "n_tensors": len(shapes),
+        "copy_bandwidth_GBps": bandwidth,
+        "steps_timed": args.steps,
+        "warmup": args.warmup,
+        "optimizers": results,
+        "machine": info,
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT.parent), *sys.argv[1:]]),
+    }
+    for k in ("lamb_fused_vs_adamw_fused", "lars_fused_vs_adamw_fused", "lamb_fused_vs_timm_lamb",
+              "parity_max_abs_diff"):
+        print(f"{k}: {summary[k]}")
+    if not args.quick:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
