@@ -70,7 +70,7 @@ class BatchKitCallback(Callback):
         self._progress = _EpochProgress()
         self._patched: list[tuple[object, str]] = []
         self._loaders: list[BatchKitDataLoader] = []
-        self._pending_state: dict[str, Any] | None = None
+        self._resumed = False  # state came from a checkpoint; cleared after the first batch
         self._fit_started: float | None = None
         self.fit_seconds: float | None = None
 
@@ -203,7 +203,7 @@ class BatchKitCallback(Callback):
         ctx = self.host.ctx
         total = trainer.estimated_stepping_batches
         ctx.total_steps = int(total) if total != float("inf") else None
-        if self._pending_state is None:
+        if not self._resumed:
             ctx.global_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -227,8 +227,10 @@ class BatchKitCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
         self._progress.batches_done = batch_idx + 1
-        for loader in self._loaders:
-            loader.resumable.clear_resume()
+        if self._resumed:  # the first batch after a resume: the skip is spent
+            for loader in self._loaders:
+                loader.resumable.clear_resume()
+            self._resumed = False
         if ctx.is_last_micro_batch:
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
@@ -257,7 +259,7 @@ class BatchKitCallback(Callback):
         return {"plugins": self.host.state_dict(), "global_step": self.host.ctx.global_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = state_dict
+        self._resumed = True
         self.host.load_state_dict(state_dict.get("plugins", {}))
         self.host.ctx.global_step = int(state_dict.get("global_step", 0))
 
