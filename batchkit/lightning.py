@@ -234,12 +234,19 @@ class BatchKitCallback(Callback):
         if ctx.is_last_micro_batch:
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
-        metrics = self.host.pop_metrics()
-        if metrics:
-            pl_module.log_dict({f"batchkit/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self._flush_metrics(pl_module, per_step=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)
+        self._flush_metrics(pl_module, per_step=False)
+
+    def _flush_metrics(self, pl_module: LightningModule, per_step: bool) -> None:
+        """Hand plugin metrics to the Trainer's loggers (all of them: CSV, wandb, ...)."""
+        metrics = self.host.pop_metrics()
+        if metrics:
+            pl_module.log_dict(
+                {f"batchkit/{k}": v for k, v in metrics.items()}, on_step=per_step, on_epoch=not per_step
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fit_started is not None:

@@ -240,9 +240,17 @@ def test_plugin_metrics_reach_csv_and_wandb_loggers(tmp_path: Path) -> None:
         name = "drop_index"
         order = -1
 
+        def __init__(self) -> None:
+            self.dropped = 0
+
         @hookimpl
         def batchkit_transform_batch(self, batch: list) -> list:
+            self.dropped += 1
             return batch[:2]
+
+        @hookimpl
+        def batchkit_epoch_end(self) -> None:
+            self.log("batches_this_epoch", self.dropped)
 
     csv_logger = CSVLogger(tmp_path / "csv")
     wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="batchkit-test")
@@ -254,6 +262,8 @@ def test_plugin_metrics_reach_csv_and_wandb_loggers(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
     lambdas = [float(r["batchkit/mixup/lambda"]) for r in rows if r.get("batchkit/mixup/lambda")]
     assert len(lambdas) == 4 and all(0 < v < 1 for v in lambdas)
+    per_epoch = [float(r["batchkit/drop_index/batches_this_epoch"]) for r in rows if r.get("batchkit/drop_index/batches_this_epoch")]
+    assert per_epoch == [4.0]  # a metric logged at epoch end lands once, per epoch
     run_files = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
     assert run_files and b"batchkit/mixup/lambda" in run_files[0].read_bytes()
 
