@@ -97,6 +97,15 @@ def main() -> None:
     trainer.fit(module, loader)
     # A collective after fit: hangs (and the test times out) if the ranks fell out of step.
     total = dist.all_reduce(torch.tensor([float(len(module.seen))]))
+    rank = trainer.global_rank
+    collectives = {
+        "mean": dist.all_reduce(torch.tensor([float(rank)]), "mean").item(),
+        "max": dist.all_reduce(torch.tensor([float(rank)]), "max").item(),
+        "gather": dist.all_gather(torch.tensor([rank, 10 * rank])).tolist(),
+        "gather_object": dist.all_gather_object({"rank": rank}),
+        "broadcast": dist.broadcast_object(f"from rank {rank}", src=1),
+        "rank_world": [dist.get_rank(), dist.get_world_size(), dist.is_distributed()],
+    }
     params = {k: v.detach().cpu().tolist() for k, v in module.state_dict().items()} if args.strategy == "ddp" else {}
     record = {
         "rank": trainer.global_rank,
@@ -105,6 +114,7 @@ def main() -> None:
         "seen": module.seen,
         "total_batches_all_ranks": float(total.item()),
         "params": params,
+        "collectives": collectives,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

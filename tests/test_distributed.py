@@ -47,6 +47,14 @@ def check_shards(ranks: list[dict], n: int = 90, batches_per_epoch: int = 6, epo
         assert shards[0] | shards[1] == set(range(n))
     for r in ranks:  # set_epoch reshuffles
         assert r["seen"][:batches_per_epoch] != r["seen"][batches_per_epoch:]
+    # batchkit.dist collectives, after fit, under this strategy's process group
+    for r in ranks:
+        c = r["collectives"]
+        assert (c["mean"], c["max"]) == (0.5, 1.0)
+        assert c["gather"] == [[0, 0], [1, 10]]
+        assert c["gather_object"] == [{"rank": 0}, {"rank": 1}]
+        assert c["broadcast"] == "from rank 1"
+        assert c["rank_world"] == [r["rank"], 2, True]
     # every hook saw the right rank
     for r in ranks:
         assert {e["rank"] for e in r["events"] if "rank" in e} == {r["rank"]}
