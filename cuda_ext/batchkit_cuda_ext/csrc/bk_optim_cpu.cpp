@@ -110,39 +110,17 @@ void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
   }
 }
 
-// Tensors are processed in blocks of about this many elements, pass 1 then pass 2
-// per block, so pass 2 re-reads x, m, v from cache rather than from memory.
-#ifndef BK_BLOCK_ELEMS
-#define BK_BLOCK_ELEMS (1 << 21)
-#endif
-constexpr int64_t kBlockElems = BK_BLOCK_ELEMS;
-
-template <typename F>
-void for_each_block(int64_t n, const int64_t* numel, F&& fn) {
-  int64_t begin = 0;
-  while (begin < n) {
-    int64_t end = begin, elems = 0;
-    while (end < n && (end == begin || elems + numel[end] <= kBlockElems)) elems += numel[end++];
-    fn(begin, end);
-    begin = end;
-  }
-}
-
 template <typename T, int MODE>
 int lamb_dispatch(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
                   float* const* m, float* const* v, float* const* step, const bk::LambHyper& h,
                   const float* clip, const float* lr, float* sq) {
   const float inv_clip = clip ? 1.0f / *clip : 1.0f;
-  if (what == 1) {
-    lamb_pass1<T, MODE>(0, n, numel, g, x, m, v, step, h, inv_clip, sq);
-  } else if (what == 2) {
-    lamb_pass2<T, MODE>(0, n, numel, x, m, v, step, h, *lr, sq);
-  } else {
-    for_each_block(n, numel, [&](int64_t b, int64_t e) {
-      lamb_pass1<T, MODE>(b, e, numel, g, x, m, v, step, h, inv_clip, sq);
-      lamb_pass2<T, MODE>(b, e, numel, x, m, v, step, h, *lr, sq);
-    });
-  }
+  // Two whole passes, one parallel region each. Processing tensors in cache-sized blocks
+  // (pass 1 then pass 2 per block) saved ~10% on one thread here but lost with two, and a
+  // region per block made the step several times slower when another process shared the
+  // cores (every region ends in a barrier that waits for a descheduled thread).
+  if (what & 1) lamb_pass1<T, MODE>(0, n, numel, g, x, m, v, step, h, inv_clip, sq);
+  if (what & 2) lamb_pass2<T, MODE>(0, n, numel, x, m, v, step, h, *lr, sq);
   return 0;
 }
 
@@ -220,16 +198,8 @@ int lars_dispatch(int32_t what, int64_t n, const int64_t* numel, void* const* g,
     if (mom) lars_update<T, true>(b, e, numel, g, x, buf, step, h, *lr, sq);
     else lars_update<T, false>(b, e, numel, g, x, buf, step, h, *lr, sq);
   };
-  if (what == 1) {
-    lars_norms<T>(0, n, numel, g, x, sq);
-  } else if (what == 2) {
-    update(0, n);
-  } else {
-    for_each_block(n, numel, [&](int64_t b, int64_t e) {
-      lars_norms<T>(b, e, numel, g, x, sq);
-      update(b, e);
-    });
-  }
+  if (what & 1) lars_norms<T>(0, n, numel, g, x, sq);
+  if (what & 2) update(0, n);
   return 0;
 }
 
@@ -239,7 +209,7 @@ extern "C" {
 
 // what: 1 = pass 1 only (moments + squared norms into sq[2n]),
 //       2 = pass 2 only (apply, reading sq, e.g. after a cross-rank all-reduce),
-//       3 = both, blocked for cache reuse (single process).
+//       3 = both (single process).
 // step: per-tensor fp32 counters, already incremented for this step.
 // clip: global clip divisor (>= 1) or null; lr: pointer to the learning rate.
 int bk_lamb(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
@@ -253,7 +223,7 @@ int bk_lamb(int32_t what, int64_t n, const int64_t* numel, void* const* g, void*
   return 1;
 }
 
-// what: 1 = squared norms of x and g into sq[2n], 2 = update from sq, 3 = both, blocked.
+// what: 1 = squared norms of x and g into sq[2n], 2 = update from sq, 3 = both.
 int bk_lars(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
             float* const* buf, float* const* step, int32_t dtype, const bk::LarsHyper* h,
             const float* lr, float* sq) {

@@ -80,8 +80,8 @@ def test_low_precision_paths_agree_and_state_is_fp32(dtype, cls, config, h, fuse
                 assert ((a.float() - b.float()).abs() <= ulp * b.float().abs().clamp(min=1.0) + 1e-6).all(), impl
 
 
-def test_fused_blocked_and_two_pass_calls_agree(h, fused_cpu):
-    """The single-process blocked call (BOTH) equals pass 1 + pass 2 (what ZeRO uses)."""
+def test_fused_single_call_and_split_passes_agree(h, fused_cpu):
+    """The single-process call (BOTH) equals pass 1, a reducer, then pass 2 (what ZeRO uses)."""
     params_a, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", weight_decay=0.01), steps=20)
 
     def identity_reduce_factory(ps):
