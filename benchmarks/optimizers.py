@@ -1,11 +1,12 @@
 """Optimizer step time of LAMB and LARS against torch's fused AdamW, on a BERT-like tensor mix.
 
-    python benchmarks/optimizers.py                # ~50M params, 7 timed steps each, median
-    python benchmarks/optimizers.py --quick        # small mix, for a smoke run
+    python benchmarks/optimizers.py                # ~50M params, 3 rounds x 3 timed steps, median
+    python benchmarks/optimizers.py --quick        # small mix, a smoke run (writes nothing)
 
 One process, one run: every optimizer gets its own copy of the same parameters and gradients
-(fp32), takes warm-up steps, then the timed steps of all optimizers are interleaved round-robin
-and each one's median step time is reported. "Effective GB/s" divides the bytes each
+(fp32) and takes warm-up steps; then, in each of --rounds rounds, every optimizer takes one
+untimed and --steps-per-round timed steps back to back. The median over its timed steps
+(9 by default) is reported. "Effective GB/s" divides the bytes each
 algorithm must move at minimum (the model in docs/optimizers.md: AdamW 28 B/param, two-pass
 LAMB 40, LARS 28) by the step time, next to the machine's measured copy bandwidth.
 
@@ -141,7 +142,8 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="encoder layers of the BERT-like mix (4: ~52M params)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all optimizers")
+    parser.add_argument("--steps-per-round", type=int, default=3, help="timed steps per optimizer and round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None, help="subset, e.g. lamb_fused adamw_fused")
     parser.add_argument("--parity-steps", type=int, default=5)
@@ -155,10 +157,13 @@ def main() -> None:
     print(f"{len(shapes)} tensors, {n_params / 1e6:.1f}M parameters; {info['cpu']}, {info['cores']} cores, "
           f"torch {info['torch']} ({info['torch_threads']} threads)", flush=True)
     bandwidth = copy_bandwidth()
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s counting read + write "
+          f"({1.5 * bandwidth:.1f} GB/s with the write-allocate read of the destination)", flush=True)
 
-    # Every optimizer keeps its own parameters and state; the timed steps are interleaved
-    # round-robin, so a burst of load from another process hits all of them alike.
+    # Every optimizer keeps its own parameters and state. Timing runs in rounds: in each round
+    # every optimizer takes one untimed step (to re-warm after the others) and then
+    # --steps-per-round timed steps back to back; a burst of load from another process then
+    # hits all of them alike, while each one's steps still run undisturbed by the others.
     names = list(optimizers(None, args.only))
     runs = {}
     for name in names:
@@ -167,12 +172,14 @@ def main() -> None:
         for _ in range(args.warmup):
             opt.step()
         runs[name] = (params, opt, [])
-    for _ in range(args.steps):
+    for _ in range(args.rounds):
         for name in names:
             opt, times = runs[name][1], runs[name][2]
-            t0 = time.perf_counter()
             opt.step()
-            times.append(time.perf_counter() - t0)
+            for _ in range(args.steps_per_round):
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
     results = {}
     for name in names:
         times = runs[name][2]
@@ -210,7 +217,8 @@ def main() -> None:
         "n_params": n_params,
         "n_tensors": len(shapes),
         "copy_bandwidth_GBps": bandwidth,
-        "steps_timed": args.steps,
+        "copy_bandwidth_with_write_allocate_GBps": 1.5 * bandwidth,
+        "steps_timed": args.rounds * args.steps_per_round,
         "warmup": args.warmup,
         "optimizers": results,
         "machine": info,
