@@ -2,7 +2,8 @@
 20 steps equal the single-process run to 1e-5, for LAMB and LARS, and the same run with
 shard-local norms (zero_aware=False, the naive behaviour) does not.
 
-Multi-process: each module-scoped run starts 2 processes (about 15-25 s each).
+Tests marked ``multiprocess`` start 2 processes (about 15-25 s per run); the others check the
+fragment layout in one process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.multiprocess
 
 HERE = Path(__file__).resolve().parent
 FUSED_SCENARIOS = ["lamb_groups", "lamb_clip_one_group", "lars_groups", "lamb_stage1", "lamb_shard_local",
@@ -51,6 +51,7 @@ def deepspeed_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "impl,scenario",
     [("auto", s) for s in FUSED_SCENARIOS if "shard_local" not in s] + [("foreach", s) for s in FOREACH_SCENARIOS],
@@ -60,6 +61,7 @@ def test_zero_matches_single_process(deepspeed_runs, impl, scenario):
     assert _max_diff(zero, single) <= 1e-5
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", ["lamb_shard_local", "lars_shard_local"])
 def test_shard_local_norms_are_caught(deepspeed_runs, scenario):
     """The bug this guards against (DeepSpeed #490) is visible at the same tolerance."""
@@ -67,6 +69,7 @@ def test_shard_local_norms_are_caught(deepspeed_runs, scenario):
     assert _max_diff(zero, single) > 1e-3
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_lightning_cpu_deepspeed_strategy_with_plugin(name, tmp_path):
     """The plugin path end to end: Lightning + batchkit.CPUDeepSpeedStrategy(stage=2)."""
@@ -105,4 +108,65 @@ def test_max_grad_norm_with_several_groups_under_zero_is_refused():
     b._hp_mapping = None
     opt.param_groups[0]["params"] = [flat]
     with pytest.raises(ValueError, match="gradient_clipping"):
+        opt.step()
+
+
+def _fake_zero_flatten(opt, params, pad=3):
+    """What DeepSpeed ZeRO-1/2 does to a 1-rank group: one flat fp32 shard (with tail padding)
+    in param_groups, and an _hp_mapping with each parameter's fragment address on the params."""
+    from types import SimpleNamespace
+
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(pad)]))
+    start = 0
+    for p in params:
+        address = SimpleNamespace(start=start, numel=p.numel())
+        p._hp_mapping = SimpleNamespace(get_hp_fragment_address=lambda a=address: a)
+        start += p.numel()
+    opt.param_groups[0]["params"] = [flat]
+    return flat
+
+
+@pytest.mark.parametrize("cls", ["Lamb", "Lars"])
+@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])
+def test_flat_shard_layout_matches_unflattened_single_process(cls, impl):
+    """Fragment views of a flat shard give exactly the per-parameter update (no DeepSpeed needed);
+    treating the shard as one tensor (zero_aware=False) does not."""
+    import batchkit_lamb_lars as lib
+
+    opt_cls = getattr(lib, cls)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (4,), (7,)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    results = {}
+    for mode in ("plain", "zero", "naive"):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+        opt = opt_cls(params, impl=impl, weight_decay=0.01, zero_aware=(mode != "naive"))
+        flat = _fake_zero_flatten(opt, params) if mode != "plain" else None
+        for step_grads in grads:
+            if flat is None:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+            else:
+                flat.grad = torch.cat([g.reshape(-1) for g in step_grads] + [torch.zeros(3)])
+            opt.step()
+        if flat is None:
+            results[mode] = torch.cat([p.detach().reshape(-1) for p in params])
+        else:
+            assert flat.detach()[-3:].eq(0).all(), "padding must stay untouched"
+            results[mode] = flat.detach()[:-3]
+    assert (results["zero"] - results["plain"]).abs().max() < 1e-7
+    assert (results["naive"] - results["plain"]).abs().max() > 1e-4
+
+
+def test_zero_stage3_is_refused_clearly():
+    from batchkit_lamb_lars import Lamb
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.ds_id = 0  # what ZeRO-3 puts on every parameter
+    opt = Lamb([p])
+    flat = torch.nn.Parameter(torch.ones(2))
+    flat.grad = torch.ones(2)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(NotImplementedError, match="stage 3"):
         opt.step()
