@@ -47,11 +47,25 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchkit_cuda_ext"
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags: -march=native binaries must not be reused on another CPU type
+    sharing the cache directory (e.g. a home directory on NFS)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build_name(kind: str, sources: list[Path], flags: dict) -> str:
     digest = hashlib.sha256()
     for path in [HEADER, *sources]:
         digest.update(path.read_bytes())
     digest.update(f"{torch.__version__}|{platform.machine()}|{kind}|{sorted(flags.items())}".encode())
+    if kind == "cpu":
+        digest.update(_cpu_features().encode())
     return f"batchkit_optim_{kind}_{digest.hexdigest()[:12]}"
 
 
