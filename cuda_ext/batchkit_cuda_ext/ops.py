@@ -14,8 +14,8 @@ Calling convention shared by the CPU twin and the CUDA library:
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

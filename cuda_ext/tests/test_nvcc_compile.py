@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from batchkit_cuda_ext import nvcc_check
 
 NVCC = nvcc_check.find_nvcc()

@@ -17,8 +17,8 @@ The padding at the tail of a shard belongs to no parameter and is left untouched
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -8,7 +8,7 @@ the optimizer, so it survives state_dict round trips and ZeRO wrapping.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

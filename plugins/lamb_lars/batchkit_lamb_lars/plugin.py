@@ -16,6 +16,7 @@ the old groups), or set ``exclude: false``.
 from typing import Literal
 
 import torch
+
 from batchkit import Plugin, hookimpl
 
 from .groups import is_excluded

@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import torch  # noqa: E402
+import torch
 
 STEPS = 20
 PER_RANK_BATCH = 4
@@ -51,9 +51,9 @@ def global_batches():
 
 def main() -> None:
     import lightning.pytorch as pl
+    from batchkit_lamb_lars.plugin import LambPlugin, LarsPlugin
 
     from batchkit.lightning import BatchKitCallback, CPUDeepSpeedStrategy
-    from batchkit_lamb_lars.plugin import LambPlugin, LarsPlugin
 
     out_dir, name = sys.argv[1], sys.argv[2]
 

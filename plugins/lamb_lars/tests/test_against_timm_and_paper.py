@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from batchkit_lamb_lars import Lamb, Lars
 
 IMPLS = ["reference", "foreach", "fused"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from batchkit_lamb_lars import Lamb, Lars
 
 LAMB_CONFIGS = {

@@ -7,8 +7,8 @@ import torch
 
 batchkit_config = pytest.importorskip("batchkit.config")
 
-from batchkit_lamb_lars import Lamb, Lars  # noqa: E402
-from batchkit_lamb_lars.plugin import LambPlugin, LarsPlugin  # noqa: E402
+from batchkit_lamb_lars import Lamb, Lars
+from batchkit_lamb_lars.plugin import LambPlugin, LarsPlugin
 
 
 def test_entry_points_are_registered():

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from batchkit_lamb_lars import Lamb, Lars, layerwise_param_groups
 
 IMPLS = ["reference", "foreach", "fused"]

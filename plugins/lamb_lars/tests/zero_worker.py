@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import torch  # noqa: E402
+import torch
 
 STEPS = 20
 GLOBAL_BATCH = 8
