@@ -10,12 +10,30 @@
 // same binding shape serves the CUDA library and the file builds in seconds.
 #include <vector>
 #include <cstdint>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "bk_optim_math.h"
 
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per chunk, as CUDA's multi-tensor-apply
+
+constexpr int64_t kTile = 1024;  // elements of u staged in L1 before streaming them out
+
+// dst[0:n] = src[0:n] with non-temporal stores where dst is 32-byte aligned (plain stores
+// for the unaligned head and the tail). Ends with a store fence: pass 2 may read dst from
+// another thread.
+inline void stream_store(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31u) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  _mm_sfence();
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
 
 struct Chunk {
   int64_t tensor;
@@ -46,11 +64,11 @@ void reduce_partials(int64_t t_begin, int64_t t_end, const std::vector<Chunk>& c
 }
 
 // ------------------------------------------------------------------ LAMB
-// Pass 1: m, v from g; partial sums of x^2 and u^2. Writes m and v only.
-template <typename T, int MODE>
+// Pass 1: m, v from g; partial sums of x^2 and u^2. Writes m and v (and u when STASH).
+template <typename T, int MODE, bool STASH>
 void lamb_pass1(int64_t t_begin, int64_t t_end, const int64_t* numel, void* const* g,
-                void* const* x, float* const* m, float* const* v, float* const* step,
-                const bk::LambHyper& hyper, float inv_clip, float* sq_out) {
+                void* const* x, float* const* m, float* const* v, float* const* stash,
+                float* const* step, const bk::LambHyper& hyper, float inv_clip, float* sq_out) {
   bk::LambHyper h = hyper;
   h.wd_mode = MODE;  // a constant the compiler folds, keeping the loop branch-free
   std::vector<Chunk> chunks = make_chunks(t_begin, t_end, numel);
@@ -64,18 +82,31 @@ void lamb_pass1(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
     const T* xp = static_cast<const T*>(x[ck.tensor]) + ck.start;
     float* mp = m[ck.tensor] + ck.start;
     float* vp = v[ck.tensor] + ck.start;
-    float sx = 0.0f, su = 0.0f;
-#pragma omp simd reduction(+ : sx, su)
-    for (int64_t i = 0; i < ck.len; ++i) {
-      const float gi = bk::to_float(gp[i]) * inv_clip;
-      const float xi = bk::to_float(xp[i]);
-      float mi = mp[i], vi = vp[i];
-      bk::lamb_moments(gi, xi, mi, vi, h);
-      mp[i] = mi;
-      vp[i] = vi;
-      const float u = bk::lamb_direction(mi, vi, xi, h, sc);
-      sx += xi * xi;
-      su += u * u;
+    float* up = STASH ? stash[ck.tensor] + ck.start : nullptr;
+    double sx = 0.0, su = 0.0;  // per-tile fp32 sums, added up in double
+    // u goes to an L1-resident tile first and then to the stash with streaming stores, so
+    // writing the stash does not first read it from memory (write-allocate).
+    alignas(64) float tile[kTile];
+    for (int64_t t0 = 0; t0 < ck.len; t0 += kTile) {
+      const int64_t len = ck.len - t0 < kTile ? ck.len - t0 : kTile;
+      float tsx = 0.0f, tsu = 0.0f;
+#pragma omp simd reduction(+ : tsx, tsu)
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t j = t0 + i;
+        const float gi = bk::to_float(gp[j]) * inv_clip;
+        const float xi = bk::to_float(xp[j]);
+        float mi = mp[j], vi = vp[j];
+        bk::lamb_moments(gi, xi, mi, vi, h);
+        mp[j] = mi;
+        vp[j] = vi;
+        const float u = bk::lamb_direction(mi, vi, xi, h, sc);
+        if (STASH) tile[i] = u;
+        tsx += xi * xi;
+        tsu += u * u;
+      }
+      sx += tsx;
+      su += tsu;
+      if (STASH) stream_store(up + t0, tile, len);
     }
     partial[2 * c] = sx;
     partial[2 * c + 1] = su;
@@ -83,11 +114,12 @@ void lamb_pass1(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
   reduce_partials(t_begin, t_end, chunks, partial, sq_out);
 }
 
-// Pass 2: ratio from the (possibly all-reduced) squared norms; recompute u; write x.
-template <typename T, int MODE>
+// Pass 2: ratio from the (possibly all-reduced) squared norms; u recomputed from m, v, x
+// (or read back from the stash); write x.
+template <typename T, int MODE, bool STASH>
 void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* const* x,
-                float* const* m, float* const* v, float* const* step, const bk::LambHyper& hyper,
-                float lr, const float* sq) {
+                float* const* m, float* const* v, float* const* stash, float* const* step,
+                const bk::LambHyper& hyper, float lr, const float* sq) {
   bk::LambHyper h = hyper;
   h.wd_mode = MODE;
   std::vector<Chunk> chunks = make_chunks(t_begin, t_end, numel);
@@ -101,37 +133,46 @@ void lamb_pass2(int64_t t_begin, int64_t t_end, const int64_t* numel, void* cons
     T* xp = static_cast<T*>(x[ck.tensor]) + ck.start;
     const float* mp = m[ck.tensor] + ck.start;
     const float* vp = v[ck.tensor] + ck.start;
+    const float* up = STASH ? stash[ck.tensor] + ck.start : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < ck.len; ++i) {
       const float xi = bk::to_float(xp[i]);
-      const float u = bk::lamb_direction(mp[i], vp[i], xi, h, sc);
+      const float u = STASH ? up[i] : bk::lamb_direction(mp[i], vp[i], xi, h, sc);
       bk::from_float(&xp[i], bk::lamb_apply(xi, u, lr_ratio, decay, h));
     }
   }
 }
 
-template <typename T, int MODE>
-int lamb_dispatch(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-                  float* const* m, float* const* v, float* const* step, const bk::LambHyper& h,
-                  const float* clip, const float* lr, float* sq) {
+template <typename T, int MODE, bool STASH>
+int lamb_passes(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
+                float* const* m, float* const* v, float* const* stash, float* const* step,
+                const bk::LambHyper& h, const float* clip, const float* lr, float* sq) {
   const float inv_clip = clip ? 1.0f / *clip : 1.0f;
   // Two whole passes, one parallel region each. Processing tensors in cache-sized blocks
   // (pass 1 then pass 2 per block) saved ~10% on one thread here but lost with two, and a
   // region per block made the step several times slower when another process shared the
   // cores (every region ends in a barrier that waits for a descheduled thread).
-  if (what & 1) lamb_pass1<T, MODE>(0, n, numel, g, x, m, v, step, h, inv_clip, sq);
-  if (what & 2) lamb_pass2<T, MODE>(0, n, numel, x, m, v, step, h, *lr, sq);
+  if (what & 1) lamb_pass1<T, MODE, STASH>(0, n, numel, g, x, m, v, stash, step, h, inv_clip, sq);
+  if (what & 2) lamb_pass2<T, MODE, STASH>(0, n, numel, x, m, v, stash, step, h, *lr, sq);
   return 0;
+}
+
+template <typename T, int MODE>
+int lamb_dispatch(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
+                  float* const* m, float* const* v, float* const* stash, float* const* step,
+                  const bk::LambHyper& h, const float* clip, const float* lr, float* sq) {
+  if (stash) return lamb_passes<T, MODE, true>(what, n, numel, g, x, m, v, stash, step, h, clip, lr, sq);
+  return lamb_passes<T, MODE, false>(what, n, numel, g, x, m, v, stash, step, h, clip, lr, sq);
 }
 
 template <typename T>
 int lamb_by_mode(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-                 float* const* m, float* const* v, float* const* step, const bk::LambHyper& h,
-                 const float* clip, const float* lr, float* sq) {
+                 float* const* m, float* const* v, float* const* stash, float* const* step,
+                 const bk::LambHyper& h, const float* clip, const float* lr, float* sq) {
   switch (h.wd_mode) {
-    case bk::kPaper: return lamb_dispatch<T, bk::kPaper>(what, n, numel, g, x, m, v, step, h, clip, lr, sq);
-    case bk::kDecoupled: return lamb_dispatch<T, bk::kDecoupled>(what, n, numel, g, x, m, v, step, h, clip, lr, sq);
-    case bk::kL2: return lamb_dispatch<T, bk::kL2>(what, n, numel, g, x, m, v, step, h, clip, lr, sq);
+    case bk::kPaper: return lamb_dispatch<T, bk::kPaper>(what, n, numel, g, x, m, v, stash, step, h, clip, lr, sq);
+    case bk::kDecoupled: return lamb_dispatch<T, bk::kDecoupled>(what, n, numel, g, x, m, v, stash, step, h, clip, lr, sq);
+    case bk::kL2: return lamb_dispatch<T, bk::kL2>(what, n, numel, g, x, m, v, stash, step, h, clip, lr, sq);
   }
   return 2;
 }
@@ -210,15 +251,18 @@ extern "C" {
 // what: 1 = pass 1 only (moments + squared norms into sq[2n]),
 //       2 = pass 2 only (apply, reading sq, e.g. after a cross-rank all-reduce),
 //       3 = both (single process).
+// stash: null (pass 2 recomputes u from m, v, x) or fp32 buffers shaped like x where pass 1
+//        stores u and pass 2 reads it back (4 more bytes of memory per parameter, less compute
+//        and fewer bytes read in pass 2).
 // step: per-tensor fp32 counters, already incremented for this step.
 // clip: global clip divisor (>= 1) or null; lr: pointer to the learning rate.
 int bk_lamb(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-            float* const* m, float* const* v, float* const* step, int32_t dtype,
+            float* const* m, float* const* v, float* const* stash, float* const* step, int32_t dtype,
             const bk::LambHyper* h, const float* clip, const float* lr, float* sq) {
   switch (dtype) {
-    case bk::kF32: return lamb_by_mode<float>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq);
-    case bk::kBF16: return lamb_by_mode<bk::bf16>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq);
-    case bk::kF16: return lamb_by_mode<bk::f16>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq);
+    case bk::kF32: return lamb_by_mode<float>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq);
+    case bk::kBF16: return lamb_by_mode<bk::bf16>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq);
+    case bk::kF16: return lamb_by_mode<bk::f16>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq);
   }
   return 1;
 }

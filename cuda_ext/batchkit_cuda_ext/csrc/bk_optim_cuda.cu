@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kChunk = 1 << 16;
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 24;   // per launch; keeps the argument struct under 4 KB
+constexpr int kMaxTensors = 24;   // per launch; keeps the argument struct (depth <= 5) under 4 KB
 constexpr int kMaxBlocks = 320;   // per launch
 constexpr int kMaxReduce = 320;   // tensors per reduce launch
 
@@ -37,6 +37,10 @@ struct TensorMeta {
   unsigned char block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
+
+// Kernel parameters are limited to 4 KB (without the CUDA 12.1 large-argument opt-in).
+static_assert(sizeof(TensorMeta<5>) + sizeof(bk::LambHyper) + 2 * sizeof(void*) <= 4096,
+              "TensorMeta exceeds the kernel parameter limit; lower kMaxTensors or kMaxBlocks");
 
 struct ReduceMeta {
   int32_t index[kMaxReduce];
@@ -66,9 +70,9 @@ __device__ __forceinline__ float2 block_sum2(float a, float b) {
 }
 
 // ------------------------------------------------------------------ kernels
-template <typename T, int MODE>
+template <typename T, int MODE, bool STASH>
 __global__ void __launch_bounds__(kThreads)
-lamb_pass1_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* clip, float* partials) {
+lamb_pass1_kernel(TensorMeta<5> meta, bk::LambHyper h, const float* clip, float* partials) {
   h.wd_mode = MODE;
   const int slot = meta.block_tensor[blockIdx.x];
   const int chunk = meta.block_chunk[blockIdx.x];
@@ -78,6 +82,7 @@ lamb_pass1_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* clip, float*
   const T* x = static_cast<const T*>(meta.addr[1][slot]) + start;
   float* m = static_cast<float*>(meta.addr[2][slot]) + start;
   float* v = static_cast<float*>(meta.addr[3][slot]) + start;
+  float* stash = STASH ? static_cast<float*>(meta.addr[4][slot]) + start : nullptr;
   const bk::LambStepConsts sc = bk::lamb_step_consts(h, *meta.step[slot]);
   const float inv_clip = clip ? 1.0f / *clip : 1.0f;
   float sx = 0.f, su = 0.f;
@@ -89,6 +94,7 @@ lamb_pass1_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* clip, float*
     m[i] = mi;
     v[i] = vi;
     const float u = bk::lamb_direction(mi, vi, xi, h, sc);
+    if (STASH) stash[i] = u;
     sx += xi * xi;
     su += u * u;
   }
@@ -100,9 +106,9 @@ lamb_pass1_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* clip, float*
   }
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, bool STASH>
 __global__ void __launch_bounds__(kThreads)
-lamb_pass2_kernel(TensorMeta<3> meta, bk::LambHyper h, const float* lr_ptr, const float* sq) {
+lamb_pass2_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* lr_ptr, const float* sq) {
   h.wd_mode = MODE;
   const int slot = meta.block_tensor[blockIdx.x];
   const int chunk = meta.block_chunk[blockIdx.x];
@@ -111,6 +117,7 @@ lamb_pass2_kernel(TensorMeta<3> meta, bk::LambHyper h, const float* lr_ptr, cons
   T* x = static_cast<T*>(meta.addr[0][slot]) + start;
   const float* m = static_cast<const float*>(meta.addr[1][slot]) + start;
   const float* v = static_cast<const float*>(meta.addr[2][slot]) + start;
+  const float* stash = STASH ? static_cast<const float*>(meta.addr[3][slot]) + start : nullptr;
   const int t = meta.index[slot];
   const float lr = *lr_ptr;
   const bk::LambStepConsts sc = bk::lamb_step_consts(h, *meta.step[slot]);
@@ -118,7 +125,7 @@ lamb_pass2_kernel(TensorMeta<3> meta, bk::LambHyper h, const float* lr_ptr, cons
   const float lr_ratio = lr * bk::lamb_trust_ratio(sq[2 * t], sq[2 * t + 1], decay, h);
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     const float xi = bk::to_float(x[i]);
-    const float u = bk::lamb_direction(m[i], v[i], xi, h, sc);
+    const float u = STASH ? stash[i] : bk::lamb_direction(m[i], v[i], xi, h, sc);
     bk::from_float(&x[i], bk::lamb_apply(xi, u, lr_ratio, decay, h));
   }
 }
@@ -258,38 +265,50 @@ int reduce_partials(int64_t n, const int64_t* numel, const float* partials, floa
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, bool STASH>
 int lamb_typed(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-               float* const* m, float* const* v, float* const* step, const bk::LambHyper& h,
-               const float* clip, const float* lr, float* sq, float* workspace, cudaStream_t stream) {
+               float* const* m, float* const* v, float* const* stash, float* const* step,
+               const bk::LambHyper& h, const float* clip, const float* lr, float* sq, float* workspace,
+               cudaStream_t stream) {
+  void* const* u = reinterpret_cast<void* const*>(stash);
   if (what & 1) {
-    void* const* lists[4] = {g, x, reinterpret_cast<void* const*>(m), reinterpret_cast<void* const*>(v)};
-    int err = multi_tensor_apply<4>(n, numel, lists, step, [&](const TensorMeta<4>& meta, int nb) {
-      lamb_pass1_kernel<T, MODE><<<nb, kThreads, 0, stream>>>(meta, h, clip, workspace);
+    void* const* lists[5] = {g, x, reinterpret_cast<void* const*>(m), reinterpret_cast<void* const*>(v), u};
+    int err = multi_tensor_apply<5>(n, numel, lists, step, [&](const TensorMeta<5>& meta, int nb) {
+      lamb_pass1_kernel<T, MODE, STASH><<<nb, kThreads, 0, stream>>>(meta, h, clip, workspace);
     });
     if (err) return err;
     if ((err = reduce_partials(n, numel, workspace, sq, stream))) return err;
   }
   if (what & 2) {
-    void* const* lists[3] = {x, reinterpret_cast<void* const*>(m), reinterpret_cast<void* const*>(v)};
-    int err = multi_tensor_apply<3>(n, numel, lists, step, [&](const TensorMeta<3>& meta, int nb) {
-      lamb_pass2_kernel<T, MODE><<<nb, kThreads, 0, stream>>>(meta, h, lr, sq);
+    void* const* lists[4] = {x, reinterpret_cast<void* const*>(m), reinterpret_cast<void* const*>(v), u};
+    int err = multi_tensor_apply<4>(n, numel, lists, step, [&](const TensorMeta<4>& meta, int nb) {
+      lamb_pass2_kernel<T, MODE, STASH><<<nb, kThreads, 0, stream>>>(meta, h, lr, sq);
     });
     if (err) return err;
   }
   return 0;
 }
 
-template <typename T>
+template <typename T, bool STASH>
 int lamb_by_mode(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-                 float* const* m, float* const* v, float* const* step, const bk::LambHyper& h,
-                 const float* clip, const float* lr, float* sq, float* ws, cudaStream_t s) {
+                 float* const* m, float* const* v, float* const* u, float* const* step,
+                 const bk::LambHyper& h, const float* clip, const float* lr, float* sq, float* ws,
+                 cudaStream_t s) {
   switch (h.wd_mode) {
-    case bk::kPaper: return lamb_typed<T, bk::kPaper>(what, n, numel, g, x, m, v, step, h, clip, lr, sq, ws, s);
-    case bk::kDecoupled: return lamb_typed<T, bk::kDecoupled>(what, n, numel, g, x, m, v, step, h, clip, lr, sq, ws, s);
-    case bk::kL2: return lamb_typed<T, bk::kL2>(what, n, numel, g, x, m, v, step, h, clip, lr, sq, ws, s);
+    case bk::kPaper: return lamb_typed<T, bk::kPaper, STASH>(what, n, numel, g, x, m, v, u, step, h, clip, lr, sq, ws, s);
+    case bk::kDecoupled: return lamb_typed<T, bk::kDecoupled, STASH>(what, n, numel, g, x, m, v, u, step, h, clip, lr, sq, ws, s);
+    case bk::kL2: return lamb_typed<T, bk::kL2, STASH>(what, n, numel, g, x, m, v, u, step, h, clip, lr, sq, ws, s);
   }
   return -2;
+}
+
+template <typename T>
+int lamb_stash(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
+               float* const* m, float* const* v, float* const* u, float* const* step,
+               const bk::LambHyper& h, const float* clip, const float* lr, float* sq, float* ws,
+               cudaStream_t s) {
+  if (u) return lamb_by_mode<T, true>(what, n, numel, g, x, m, v, u, step, h, clip, lr, sq, ws, s);
+  return lamb_by_mode<T, false>(what, n, numel, g, x, m, v, u, step, h, clip, lr, sq, ws, s);
 }
 
 template <typename T>
@@ -321,17 +340,17 @@ int lars_typed(int32_t what, int64_t n, const int64_t* numel, void* const* g, vo
 extern "C" {
 
 // Same contract as the CPU twin's bk_lamb / bk_lars (what: 1 = pass 1 + per-tensor
-// squared norms, 2 = apply from sq, 3 = both), plus a workspace of
+// squared norms, 2 = apply from sq, 3 = both; stash: null or u buffers), plus a workspace of
 // bk_cuda_workspace_floats(n, numel) floats and the CUDA stream to launch on.
 int bk_cuda_lamb(int32_t what, int64_t n, const int64_t* numel, void* const* g, void* const* x,
-                 float* const* m, float* const* v, float* const* step, int32_t dtype,
-                 const bk::LambHyper* h, const float* clip, const float* lr, float* sq,
-                 float* workspace, void* stream) {
+                 float* const* m, float* const* v, float* const* stash, float* const* step,
+                 int32_t dtype, const bk::LambHyper* h, const float* clip, const float* lr,
+                 float* sq, float* workspace, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case bk::kF32: return lamb_by_mode<float>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq, workspace, s);
-    case bk::kBF16: return lamb_by_mode<bk::bf16>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq, workspace, s);
-    case bk::kF16: return lamb_by_mode<bk::f16>(what, n, numel, g, x, m, v, step, *h, clip, lr, sq, workspace, s);
+    case bk::kF32: return lamb_stash<float>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq, workspace, s);
+    case bk::kBF16: return lamb_stash<bk::bf16>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq, workspace, s);
+    case bk::kF16: return lamb_stash<bk::f16>(what, n, numel, g, x, m, v, stash, step, *h, clip, lr, sq, workspace, s);
   }
   return -1;
 }

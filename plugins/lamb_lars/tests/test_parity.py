@@ -124,3 +124,14 @@ def test_step_count_is_per_parameter(h):
     opt.step()
     assert opt.state[params[0]]["step"].item() == 2
     assert opt.state[params[1]]["step"].item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["paper_clip", "decoupled", "l2_no_bias_correction"])
+def test_fused_stash_is_bit_identical(name, dtype, h, fused_cpu):
+    """Keeping u from pass 1 (stash_update=True) changes where u comes from, not its value."""
+    config = LAMB_CONFIGS[name]
+    a, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", stash_update=True, **config), steps=15, dtype=dtype)
+    b, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", stash_update=False, **config), steps=15, dtype=dtype)
+    assert h.max_abs_diff(a, h.make_params(dtype)) > 0
+    assert h.max_abs_diff(a, b) == 0.0
