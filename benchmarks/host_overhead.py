@@ -31,15 +31,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import TensorDataset
 
+from _common import MALLOC_ENV
+from _common import reexec_with_stable_malloc
+
 from batchkit import Plugin
 from batchkit import hookimpl
 from batchkit.lightning import BatchKitCallback
 
 
 class MLP(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -109,7 +112,7 @@ class EmptyCallback(pl.Callback):
     """A callback that does nothing: what Lightning charges for any extra callback."""
 
 
-def run(side: str, data: TensorDataset, epochs: int) -> tuple[StepTimer, dict]:
+def run(side: str, data: TensorDataset, epochs: int, hidden: int, batch_size: int) -> tuple[StepTimer, dict]:
     """side: "plain" (no extra callback), "empty" (a do-nothing callback), "batchkit" (3 plugins)."""
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
@@ -127,7 +130,7 @@ def run(side: str, data: TensorDataset, epochs: int) -> tuple[StepTimer, dict]:
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(MLP(), DataLoader(data, batch_size=32, shuffle=True))
+    trainer.fit(MLP(data.tensors[0].shape[1], hidden), DataLoader(data, batch_size=batch_size, shuffle=True))
     per_plugin = kit.host.total_seconds() if kit else {}
     return timer, per_plugin
 
@@ -137,22 +140,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=784, help="MLP input width")
+    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared 2-core box)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_overhead.json"))
     args = parser.parse_args()
+    reexec_with_stable_malloc()
     torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(args.samples, 64, generator=g), torch.randint(0, 10, (args.samples,), generator=g))
+    data = TensorDataset(torch.randn(args.samples, args.dim, generator=g), torch.randint(0, 10, (args.samples,), generator=g))
     sides = ("plain", "empty", "batchkit")
     for side in sides:
-        run(side, data, 2)  # warm up every code path once
+        run(side, data, 2, args.hidden, args.batch_size)  # warm up every code path once
     timers: dict[str, list[StepTimer]] = {side: [] for side in sides}
     hook_seconds: dict = {}
     for i in range(args.repeats):
         # rotate which side goes first so drift in machine speed hits all sides alike
         for side in sides[i % 3:] + sides[: i % 3]:
-            timer, per_plugin = run(side, data, args.epochs)
+            timer, per_plugin = run(side, data, args.epochs, args.hidden, args.batch_size)
             timers[side].append(timer)
             if side == "batchkit":
                 hook_seconds = per_plugin
@@ -163,7 +170,8 @@ def main() -> None:
     ratios = [k.cpu / p.cpu for k, p in zip(kit, plain)]
     wall_ratios = [k.wall / p.wall for k, p in zip(kit, plain)]
     empty_ratios = [e.cpu / p.cpu for e, p in zip(empty, plain)]
-    steps = (args.epochs - 1) * (args.samples // 32)
+    batches = -(-args.samples // args.batch_size)
+    steps = (args.epochs - 1) * batches
     result = {
         "overhead_ratio": statistics.median(ratios),
         "overhead_ratio_wall": statistics.median(wall_ratios),
@@ -173,12 +181,16 @@ def main() -> None:
         "ratios": ratios,
         "wall_ratios": wall_ratios,
         "empty_callback_ratios": empty_ratios,
-        "hook_ms_per_step_per_plugin": {k: 1e3 * v / (args.epochs * (args.samples // 32)) for k, v in hook_seconds.items()},
+        "hook_ms_per_step_per_plugin": {k: 1e3 * v / (args.epochs * batches) for k, v in hook_seconds.items()},
         "timed_steps_per_run": steps,
         "repeats": args.repeats,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
-        "command": "python benchmarks/host_overhead.py " + f"--repeats {args.repeats} --epochs {args.epochs} --threads {args.threads}",
+        "malloc_env": MALLOC_ENV,
+        "model": f"MLP {args.dim}-{args.hidden}-{args.hidden}-10, batch {args.batch_size}",
+        "command": "python benchmarks/host_overhead.py "
+        + f"--repeats {args.repeats} --epochs {args.epochs} --threads {args.threads} "
+        + f"--dim {args.dim} --hidden {args.hidden} --batch-size {args.batch_size} --out {os.path.relpath(args.out)}",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -27,16 +27,12 @@ import types
 from pathlib import Path
 
 import torch
+from _common import MALLOC_ENV
+from _common import reexec_with_stable_malloc
 
 ROOT = Path(__file__).resolve().parent
 BYTES_PER_PARAM = {"adamw": 28, "lamb": 40, "lars": 28}
 
-# glibc returns every allocation above 32 MB to the OS when it is freed, so an optimizer that
-# allocates full-size temporaries (the foreach paths, timm, torch-optimizer) page-faults them in
-# again at every step; the kernel time that costs also disturbs whatever runs next. Keeping
-# freed memory in the heap measures the optimizers rather than the page-fault path. It helps
-# the baselines (about 2x here), not the fused kernels, which allocate nothing per step.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
 def bert_like_shapes(layers: int = 4, hidden: int = 768, ffn: int = 3072, vocab: int = 30522) -> list[tuple[int, ...]]:
@@ -159,9 +155,10 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc settings (see MALLOC_ENV)")
     args = parser.parse_args()
-    if not args.system_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        # re-exec with the settings in place: glibc reads them at process start only
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    if not args.system_malloc:
+        # the allocator settings also help the baselines (about 2x here), not the fused kernels,
+        # which allocate nothing per step
+        reexec_with_stable_malloc()
 
     shapes = bert_like_shapes(layers=1, vocab=2000) if args.quick else bert_like_shapes(layers=args.layers)
     n_params = sum(torch.Size(s).numel() for s in shapes)
