@@ -46,6 +46,9 @@ from batchkit.errors import PluginError
 from batchkit.host import PluginHost
 
 
+_NO_ATTRIBUTE = object()
+
+
 class _EpochProgress:
     """Where the training loop is within the epoch; saved with the train DataLoader's state."""
 
@@ -68,7 +71,7 @@ class BatchKitCallback(Callback):
         self.host = PluginHost(plugins or ())
         self.print_summary = print_summary
         self._progress = _EpochProgress()
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, Any]] = []  # (owner, name, instance attribute it replaced)
         self._loaders: list[BatchKitDataLoader] = []
         self._resumed = False  # state came from a checkpoint; cleared after the first batch
         self._fit_started: float | None = None
@@ -114,17 +117,17 @@ class BatchKitCallback(Callback):
         self._unpatch()
 
     def _unpatch(self) -> None:
-        for owner, name in reversed(self._patched):
-            try:
-                delattr(owner, name)  # drops the instance attribute; the class method shows again
-            except AttributeError:
-                pass
+        for owner, name, previous in reversed(self._patched):
+            if previous is _NO_ATTRIBUTE:
+                vars(owner).pop(name, None)  # the class method shows through again
+            else:
+                setattr(owner, name, previous)
         self._patched.clear()
 
     def _patch(self, owner: object, name: str, replacement: Any) -> None:
         replacement.__wrapped__ = getattr(owner, name)
+        self._patched.append((owner, name, vars(owner).get(name, _NO_ATTRIBUTE)))
         setattr(owner, name, replacement)
-        self._patched.append((owner, name))
 
     # -- stage 1 + 2: the train DataLoader ----------------------------------------------------
 
