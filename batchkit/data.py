@@ -130,7 +130,7 @@ class BatchKitDataLoader(DataLoader):
 def _shuffles(loader: DataLoader) -> bool:
     sampler = loader.sampler
     if isinstance(sampler, RandomSampler):
-        if sampler.replacement or sampler._num_samples is not None:
+        if sampler.replacement or sampler.num_samples != len(sampler.data_source):
             raise PluginError(
                 "batchkit: the train DataLoader samples with replacement or a fixed num_samples "
                 "(RandomSampler(replacement=True / num_samples=...)); batchkit's sampler stage needs "

@@ -31,16 +31,6 @@ CHAIN_HOOKS: dict[str, str] = {
     "batchkit_wrap_optimizer": "optimizer",
 }
 
-#: Hooks every implementation of which is called, results ignored.
-NOTIFY_HOOKS: tuple[str, ...] = (
-    "batchkit_setup",
-    "batchkit_epoch_start",
-    "batchkit_epoch_end",
-    "batchkit_before_optimizer_step",
-    "batchkit_step_end",
-    "batchkit_teardown",
-)
-
 STAGE_OF_HOOK: dict[str, str] = {
     "batchkit_wrap_batch_sampler": "sampler",
     "batchkit_wrap_collate": "collator",

@@ -36,7 +36,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
-from batchkit import dist
 from batchkit.config import build_plugins
 from batchkit.config import load_config
 from batchkit.config import plugin_entries
@@ -391,4 +390,4 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
 
-__all__ = ["BatchKitCallback", "CPUDeepSpeedStrategy", "dist"]
+__all__ = ["BatchKitCallback", "CPUDeepSpeedStrategy"]
