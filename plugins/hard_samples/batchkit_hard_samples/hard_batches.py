@@ -142,7 +142,7 @@ class HardBatchSelection(Plugin):
         self.num_batches: int = 0
         self.round_size: int = 0
         self._partition: list[list[int]] = []
-        self._partition_crc: int | None = None
+        self._partition_crc: list[int] | None = None
         self._world_size: int | None = None
         #: l_j: the last-seen (rank-averaged) loss of every mini-batch; +inf until first trained
         self.table: torch.Tensor | None = None
@@ -192,7 +192,8 @@ class HardBatchSelection(Plugin):
         partition = _fixed_partition(batch_sampler)
         if not partition:
             raise PluginError("hard_batches: the training loader has no batches; nothing to select from")
-        crc = _checksum(partition)
+        # every rank's checksum (each rank holds its own shard), so any rank can check a checkpoint
+        crc = [int(c) for c in dist.all_gather_object(_checksum(partition))]
         if self._partition_crc is None:  # a fresh run
             self.num_batches = len(partition)
             self.round_size = max(1, int(self.delta * self.num_batches))
@@ -353,7 +354,7 @@ class HardBatchSelection(Plugin):
                 )
         self.num_batches = int(state["num_batches"])
         self.round_size = int(state["round_size"])
-        self._partition_crc = int(state["partition_crc"])
+        self._partition_crc = [int(c) for c in state["partition_crc"]]
         self._world_size = int(state["world_size"])
         self.table = state["table"].clone().to(torch.float64)
         self.applied_upto = int(state["applied_upto"])
