@@ -43,6 +43,7 @@ the same number of steps.
 from __future__ import annotations
 
 import bisect
+import time
 import zlib
 from array import array
 from typing import Any
@@ -163,6 +164,8 @@ class HardBatchSelection(Plugin):
         self._yielded_upto = 0
         self._records = 0
         self._first_step_checked = False
+        #: time spent choosing rounds (in the sampler, so not in the host's hook timings)
+        self.choice_seconds = 0.0
 
     # -- positions and rounds -----------------------------------------------------------------
 
@@ -230,6 +233,7 @@ class HardBatchSelection(Plugin):
             yield self._partition[j]
 
     def _choose_round(self, r: int) -> list[int]:
+        started = time.perf_counter_ns()
         q = self.round_start(r)
         if self.recorded_upto > q:
             raise PluginError(
@@ -255,6 +259,7 @@ class HardBatchSelection(Plugin):
         self.log("selected_loss", float(selected[torch.isfinite(selected)].mean()) if torch.isfinite(selected).any() else float("nan"))
         finite = self.table[torch.isfinite(self.table)]
         self.log("table_loss", float(finite.mean()) if finite.numel() else float("nan"))
+        self.choice_seconds += (time.perf_counter_ns() - started) / 1e9
         return chosen
 
     def _apply_pending(self, horizon: int) -> None:
