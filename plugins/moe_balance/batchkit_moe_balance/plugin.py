@@ -125,6 +125,8 @@ class MoELoadBalancing(Plugin):
         self._micro_steps = 0
         #: the counts ``c`` (and ``T`` in the last column) that ``f`` was computed from at the last micro-batch
         self.last_f_counts: torch.Tensor | None = None
+        #: this rank's own counts ``c`` (and ``T``) of the last micro-batch
+        self.last_local_counts: torch.Tensor | None = None
         #: the per-layer LBL of the last micro-batch (detached)
         self.last_layer_losses: torch.Tensor | None = None
 
@@ -303,9 +305,10 @@ class MoELoadBalancing(Plugin):
         prob_sum = torch.stack(prob_sums)  # [L, N_E], with grad
 
         micro = load_balancing_loss(counts, tokens, prob_sum, tokens, k)  # [L]
+        self.last_local_counts = torch.cat([counts, tokens[:, None]], 1)
         if self.mode == "micro":
             layer_losses = micro
-            self.last_f_counts = torch.cat([counts, tokens[:, None]], 1)
+            self.last_f_counts = self.last_local_counts
         elif self.mode == "global":
             # The one collective: c and T of every layer, summed over the data-parallel ranks.
             packet = torch.cat([counts, tokens[:, None]], 1).double()
@@ -322,7 +325,7 @@ class MoELoadBalancing(Plugin):
             step = self.step_counts.to(prob_sum.dtype)
             layer_losses = load_balancing_loss(step[:, :E], step[:, E], prob_sum, tokens, k)
         else:
-            self.last_f_counts = torch.cat([counts, tokens[:, None]], 1)
+            self.last_f_counts = self.last_local_counts
             layer_losses = torch.stack([
                 torch.stack([sequence_load_balancing_loss(self._as_sequences(t, mask, layer), k, self._sequence_mask(t, mask))
                              for t in calls]).mean() if calls else prob_sum.new_zeros(())
