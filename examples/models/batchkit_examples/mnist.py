@@ -87,7 +87,8 @@ class SmallCNN(pl.LightningModule):
         return self.net(x)
 
     def per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy of every sample, unreduced (the per-sample-loss protocol of batchkit)."""
+        """Cross-entropy of every sample, unreduced: the per-sample loss protocol that selective backprop
+        uses to rank samples (see ``batchkit_hard_samples.protocol``)."""
         x, y = batch
         return F.cross_entropy(self(x), y, reduction="none")
 
