@@ -93,7 +93,7 @@ def split_validation(train: Any, fraction: float = 0.15, seed: int = 0) -> tuple
     for c in np.unique(y.numpy()):
         idx = np.flatnonzero(y.numpy() == c)
         rng.shuffle(idx)
-        val.extend(idx[: int(round(fraction * len(idx)))])
+        val.extend(idx[: round(fraction * len(idx))])
     mask = np.zeros(len(y), dtype=bool)
     mask[val] = True
     return TensorDataset(x[~mask], y[~mask]), TensorDataset(x[mask], y[mask])
@@ -250,10 +250,10 @@ def overhead(reps: int, epochs: int) -> dict[str, Any]:
     import lightning.pytorch as pl
     from batchkit_examples.mnist import SmallCNN
     from batchkit_examples.mnist import load_images
+    from batchkit_hard_samples import HardBatchSelection
     from torch.utils.data import DataLoader
 
     from batchkit.lightning import BatchKitCallback
-    from batchkit_hard_samples import HardBatchSelection
 
     train, _ = load_images("mnist")
 
@@ -314,6 +314,44 @@ def overhead(reps: int, epochs: int) -> dict[str, Any]:
     }
 
 
+def report(data: dict[str, Any]) -> str:
+    """The markdown tables of docs/methods/hard_samples.md, from the results JSON."""
+
+    def fmt(stat: dict[str, Any], digits: int, scale: float = 1.0) -> str:
+        if stat["mean"] is None:
+            return "not reached"
+        text = f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+        if "reached" in stat and stat["reached"] < stat["runs"]:
+            text += f" ({stat['reached']}/{stat['runs']} reached)"
+        return text
+
+    lines = []
+    for dataset in ("mnist", "digits"):
+        if dataset not in data:
+            continue
+        info = data[dataset]
+        base = info["baseline"]
+        lines += [
+            (f"**{dataset}** ({info['train_size']} train / {info['test_size']} test, M = {info['batches_per_epoch']} "
+             f"mini-batches per epoch, {info['epochs']} epochs, target test accuracy {info['target_acc']:.3f})"),
+            "",
+            "| method | lr | epochs to target | vs baseline | train seconds to target | final test acc (%) | train seconds, whole run |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for method in METHODS:
+            if method not in info:
+                continue
+            r = info[method]
+            e, b = r["epochs_to_target"]["mean"], base["epochs_to_target"]["mean"]
+            rel = f"{100 * (e - b) / b:+.0f}%" if e is not None and b else "-"
+            lines.append(
+                f"| {method} | {r['lr']:g} | {fmt(r['epochs_to_target'], 1)} | {rel} | {fmt(r['wall_to_target'], 1)} "
+                f"| {fmt(r['final_acc'], 2, 100)} | {fmt(r['train_wall_s'], 1)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -336,8 +374,12 @@ def main() -> None:
     parser.add_argument("--overhead-epochs", type=int, default=2, help="epochs per timing run (the first is not timed)")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "digits"])
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser.add_argument("--report", action="store_true", help="print the markdown tables from the results JSON")
     parser.add_argument("--system-malloc", action="store_true", help="do not re-execute with stable malloc settings")
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(RESULTS.read_text())))
+        return
     if not args.system_malloc:
         reexec_with_stable_malloc()
     quiet()

@@ -302,7 +302,6 @@ class HardBatchSelection(Plugin):
         self._pending_vals.append(loss.detach().to(torch.float32, copy=True))  # stays on the device: no sync
         self.recorded_upto = position + 1
         self._records += 1
-        return None
 
     @hookimpl
     def batchkit_step_end(self, ctx: Any) -> None:

@@ -163,13 +163,13 @@ class SelectiveBackprop(Plugin):
             return
         # The protocol is checked now, not when selection first triggers half-way through training.
         self._per_sample_loss = resolve_loss_method(self.name, module, self.loss_method)
-        if trainer is not None and (self.start > 0 or self.end < 1):
-            if getattr(trainer, "max_steps", -1) == -1 and getattr(trainer, "max_epochs", None) in (-1, None):
-                raise PluginError(
-                    f"selective_backprop: start={self.start} and end={self.end} are fractions of training, but the "
-                    "Trainer has no max_steps or max_epochs, so the length of training is unknown. Set one, or use "
-                    "start: 0 and end: 1."
-                )
+        unbounded = getattr(trainer, "max_steps", -1) == -1 and getattr(trainer, "max_epochs", None) in (-1, None)
+        if trainer is not None and (self.start > 0 or self.end < 1) and unbounded:
+            raise PluginError(
+                f"selective_backprop: start={self.start} and end={self.end} are fractions of training, but the "
+                "Trainer has no max_steps or max_epochs, so the length of training is unknown. Set one, or use "
+                "start: 0 and end: 1."
+            )
 
     @hookimpl
     def batchkit_epoch_start(self, ctx: Any) -> None:

@@ -20,7 +20,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
 from hard_samples_support import IndexedData  # noqa: E402
 from hard_samples_support import RecordingNet  # noqa: E402
 from hard_samples_support import batch_ids  # noqa: E402

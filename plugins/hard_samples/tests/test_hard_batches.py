@@ -166,7 +166,7 @@ def test_step_budget_equals_the_baselines_and_rounds_pick_the_highest_last_seen_
 def test_gradient_accumulation_counts_loader_batches(tmp_path: Path) -> None:
     plugin = HardBatchSelection(delta=0.5)
     hard, trainer = fit(tmp_path, [plugin], max_epochs=3, accumulate_grad_batches=2)
-    base, base_trainer = fit(tmp_path / "base", [], max_epochs=3, accumulate_grad_batches=2)
+    _, base_trainer = fit(tmp_path / "base", [], max_epochs=3, accumulate_grad_batches=2)
     assert trainer.global_step == base_trainer.global_step == 3 * 4  # ceil(7 / 2) steps per epoch
     assert len(hard.seen) == 21 and plugin.recorded_upto == 21  # every loader batch is a position
 
