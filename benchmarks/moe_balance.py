@@ -1,0 +1,390 @@
+"""Micro-batch versus global-batch load-balancing loss on real two-domain text.
+
+The example byte-level MoE LM (``batchkit_examples.moe_lm``: 2 MoE layers, 8 experts, top-2) is
+trained on a 1:1 mixture of Python source (the standard library) and English prose
+(``pydoc_data.topics``), once per seed with ``moe_lbl`` in ``micro`` mode and once in ``global``
+mode, at the same coefficient and otherwise identical settings (same seeds, data order, model
+init, optimizer). Each optimizer step accumulates several small micro-batches, so the micro-batch
+loss balances the experts over a couple of sequences while the global one (Algorithm 1's buffer)
+balances them over the whole step.
+
+Measured after training, on held-out documents of each domain:
+
+* validation loss per domain (mean and std over seeds);
+* specialisation: the Jensen-Shannon divergence (bits) between the code tokens' and the prose tokens'
+  distributions over experts, per layer, averaged over layers (0 = both domains routed alike);
+* balance: the LBL of the validation mixture at micro-batch scope and at whole-set scope, and the
+  max/mean expert load of the mixture.
+
+Then the step-time cost of the global sync: a 2-process DDP run (gloo) driving the plugin through
+batchkit's host, alternating blocks of steps in ``micro`` and ``global`` mode inside the same two
+processes, median over rounds of the ratio ``step time global / step time micro``.
+
+The training runs hold the shared CPU lock (``/tmp/bk-cpu.lock``), the timing part the exclusive
+one. Each training run is its own process with 1 torch thread; ``--jobs 2`` runs two at a time.
+
+    python benchmarks/moe_balance.py [--seeds 0 1 2] [--steps 400] [--jobs 2] [--rounds 9]
+
+Writes benchmarks/results/moe_balance.json and docs/methods/moe_balance_expert_load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import reexec_with_stable_malloc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "moe_balance.json"
+PLOT = ROOT / "docs" / "methods" / "moe_balance_expert_load.png"
+LOCK = "/tmp/bk-cpu.lock"
+MODES = ("micro", "global")
+
+MODEL = dict(dim=64, layers=2, heads=4, num_experts=8, top_k=2, expert_hidden=128, seq_len=128, lr=3e-3,
+             warmup_steps=30)
+TRAIN = dict(micro_batch=2, accumulate=8, coefficient=0.01)
+
+
+@contextmanager
+def cpu_lock(exclusive: bool) -> Iterator[None]:
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# -------------------------------------------------------------------------------------------------
+# One training run (its own process)
+# -------------------------------------------------------------------------------------------------
+
+
+def routing_balance(model: Any, val_sets: dict, micro_batch: int, seed: int) -> dict[str, float]:
+    """LBL of the validation mixture at micro-batch scope (random pairs of windows) and over the whole
+    set, averaged over layers, and the max/mean expert load of the whole mixture."""
+    import torch
+
+    from batchkit_moe_balance import load_balancing_loss
+    from batchkit_moe_balance import load_imbalance
+    from batchkit_moe_balance import routing_statistics
+
+    k = model.hparams.top_k
+    windows = torch.cat([ds.windows for ds in val_sets.values()])
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    seen: list[torch.Tensor] = []
+    hooks = [b.moe.router.register_forward_hook(lambda m, a, out: seen.append(out.detach())) for b in model.blocks]
+    micro, whole = [], None
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order) - micro_batch + 1, micro_batch):
+            seen.clear()
+            model(windows[order[start:start + micro_batch], :-1])
+            stats = [routing_statistics(z, k) for z in seen]  # per layer (c, sum p, T)
+            c, s, t = (torch.stack([x[i] for x in stats]) for i in range(3))
+            micro.append(load_balancing_loss(c, t, s, t, k).mean().item())
+            whole = (c, s, t) if whole is None else (whole[0] + c, whole[1] + s, whole[2] + t)
+    for h in hooks:
+        h.remove()
+    c, s, t = whole
+    return {
+        "lbl_micro_batch": statistics.fmean(micro),
+        "lbl_whole_set": load_balancing_loss(c, t, s, t, k).mean().item(),
+        "imbalance_whole_set": load_imbalance(c).mean().item(),
+    }
+
+
+def one_run(mode: str, seed: int, steps: int, out: Path) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from batchkit_examples.moe_lm import DOMAINS
+    from batchkit_examples.moe_lm import MoELanguageModel
+    from batchkit_examples.moe_lm import TwoDomainTextDataModule
+    from batchkit_examples.moe_lm import expert_load_by_domain
+    from batchkit_examples.moe_lm import jensen_shannon
+    from torch.utils.data import DataLoader
+
+    from batchkit import BatchKitCallback
+    from batchkit_moe_balance import MoELoadBalancing
+
+    torch.set_num_threads(1)
+    pl.seed_everything(seed)
+    data = TwoDomainTextDataModule(seq_len=MODEL["seq_len"], batch_size=TRAIN["micro_batch"], max_val_windows=256, seed=0)
+    model = MoELanguageModel(**MODEL)
+    plugin = MoELoadBalancing(coefficient=TRAIN["coefficient"], mode=mode, router_type="Router", log_every_n_steps=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=TRAIN["accumulate"], limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[BatchKitCallback([plugin])], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    train_s = time.perf_counter() - start
+    model.eval()
+    val_loss = {}
+    with torch.no_grad():
+        for domain in DOMAINS:
+            losses = [model.lm_loss(w).item() * len(w) for w, _ in DataLoader(data.val_sets[domain], batch_size=64)]
+            val_loss[domain] = sum(losses) / len(data.val_sets[domain])
+    loads = expert_load_by_domain(model, data.val_sets)
+    jsd = jensen_shannon(loads["code"], loads["prose"])  # per layer
+    record = {
+        "mode": mode, "seed": seed, "steps": steps, "train_s": train_s,
+        "val_loss": val_loss,
+        "specialisation_per_layer": jsd.tolist(),
+        "specialisation": jsd.mean().item(),
+        "expert_load": {d: loads[d].tolist() for d in DOMAINS},
+        "balance": routing_balance(model, data.val_sets, TRAIN["micro_batch"], seed),
+    }
+    out.write_text(json.dumps(record))
+
+
+def quality(seeds: list[int], steps: int, jobs: int, workdir: Path) -> list[dict]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs = [(mode, seed) for seed in seeds for mode in MODES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    pending, running, results = list(runs), [], []
+    with cpu_lock(exclusive=False):
+        while pending or running:
+            while pending and len(running) < jobs:
+                mode, seed = pending.pop(0)
+                out = workdir / f"{mode}_seed{seed}.json"
+                cmd = [sys.executable, __file__, "--one-run", mode, str(seed), "--steps", str(steps), "--out", str(out)]
+                log = open(workdir / f"{mode}_seed{seed}.log", "w")
+                running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), out, mode, seed))
+            time.sleep(1)
+            for entry in list(running):
+                proc, out, mode, seed = entry
+                if proc.poll() is None:
+                    continue
+                running.remove(entry)
+                if proc.returncode != 0:
+                    raise SystemExit(f"run {mode} seed {seed} failed; see {workdir}/{mode}_seed{seed}.log")
+                results.append(json.loads(out.read_text()))
+                r = results[-1]
+                print(f"{mode:6s} seed {seed}: val code {r['val_loss']['code']:.4f} prose {r['val_loss']['prose']:.4f} "
+                      f"JSD {r['specialisation']:.4f}  ({r['train_s']:.0f} s)", flush=True)
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# All-reduce overhead: 2 processes, DDP on gloo, both modes alternating inside the same processes
+# -------------------------------------------------------------------------------------------------
+
+
+def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, rounds: int, queue: Any) -> None:
+    import torch
+    import torch.distributed as torch_dist
+    import torch.nn.functional as F
+    from batchkit_examples.moe_lm import MoELanguageModel
+    from batchkit_examples.moe_lm import two_domain_datasets
+    from torch.nn.parallel import DistributedDataParallel
+
+    from batchkit import PluginHost
+    from batchkit_moe_balance import MoELoadBalancing
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MoELanguageModel(**MODEL)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train, _ = two_domain_datasets(MODEL["seq_len"], max_train_windows=512, max_val_windows=1)
+    gen = torch.Generator().manual_seed(rank)
+    hosts = {}
+    for mode in MODES:
+        plugin = MoELoadBalancing(coefficient=TRAIN["coefficient"], mode=mode, router_type="Router", log_every_n_steps=0)
+        hosts[mode] = PluginHost([plugin])
+        hosts[mode].ctx.rank, hosts[mode].ctx.world_size = rank, world
+        plugin.attach(model)  # both attached; only the host that opens its window records
+
+    def block(mode: str) -> float:
+        host = hosts[mode]
+        torch_dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps_per_block):
+            idx = torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)
+            window = torch.stack([train[int(i)][0] for i in idx])
+            host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx)
+            logits = ddp(window[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
+            loss = host.chain("batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            host.ctx.global_step += 1
+            host.notify("batchkit_step_end", ctx=host.ctx)
+        torch_dist.barrier()
+        return (time.perf_counter() - start) / steps_per_block
+
+    block("micro"), block("global")  # warm-up
+    for mode in MODES:
+        hosts[mode].reset_timings()
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(rounds):
+        order = MODES if r % 2 == 0 else MODES[::-1]
+        for mode in order:
+            times[mode].append(block(mode))
+    loss_stage_us = {m: hosts[m].timings()["moe_lbl"]["batchkit_transform_loss"]["mean_us"] for m in MODES}
+    if rank == 0:
+        queue.put({"times": times, "loss_stage_us": loss_stage_us})
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+def overhead(steps_per_block: int, rounds: int) -> dict:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with cpu_lock(exclusive=True):
+        procs = [ctx.Process(target=overhead_worker, args=(r, 2, port, steps_per_block, rounds, queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        result = queue.get(timeout=3600)
+        for p in procs:
+            p.join()
+    times = result["times"]
+    ratios = [g / m for g, m in zip(times["global"], times["micro"])]
+    return {
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "step_ms": {m: 1e3 * statistics.median(times[m]) for m in MODES},
+        "loss_stage_us": result["loss_stage_us"],
+        "steps_per_block": steps_per_block,
+        "rounds": rounds,
+        "setup": "2 processes, DDP on gloo, 1 torch thread each, micro-batch "
+                 f"{TRAIN['micro_batch']} x {MODEL['seq_len']} tokens per rank, no accumulation, AdamW",
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Report
+# -------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = len(runs[0]["expert_load"]["code"])
+    experts = len(runs[0]["expert_load"]["code"][0])
+    fig, axes = plt.subplots(len(MODES), layers, figsize=(4.2 * layers, 5.6), sharey=True)
+    x = np.arange(experts)
+    for row, mode in enumerate(MODES):
+        mine = [r for r in runs if r["mode"] == mode]
+        for layer in range(layers):
+            ax = axes[row][layer]
+            code, prose = [], []
+            for r in mine:  # experts are interchangeable across seeds: sort each run by code preference
+                c = np.array(r["expert_load"]["code"][layer])
+                p = np.array(r["expert_load"]["prose"][layer])
+                order = np.argsort(-(c - p))
+                code.append(c[order])
+                prose.append(p[order])
+            code, prose = np.array(code), np.array(prose)
+            ax.bar(x - 0.2, code.mean(0), 0.4, yerr=code.std(0), label="code (stdlib)", color="#1f77b4")
+            ax.bar(x + 0.2, prose.mean(0), 0.4, yerr=prose.std(0), label="prose (pydoc topics)", color="#ff7f0e")
+            ax.axhline(1 / experts, color="grey", lw=0.8, ls="--")
+            jsd = statistics.fmean(r["specialisation_per_layer"][layer] for r in mine)
+            ax.set_title(f"{mode} LBL, layer {layer}: JSD {jsd:.3f} bits", fontsize=10)
+            ax.set_xticks(x)
+            ax.set_xticklabels([str(i + 1) for i in x], fontsize=8)
+            if row == len(MODES) - 1:
+                ax.set_xlabel("expert, sorted by code-minus-prose load")
+            if layer == 0:
+                ax.set_ylabel("share of top-k choices")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Per-domain expert load on held-out text (mean ± std over {len({r['seed'] for r in runs})} seeds)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def report(runs: list[dict], cost: dict | None, args: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])
+        out[mode] = {
+            "val_loss": {d: mean_std([r["val_loss"][d] for r in mine]) for d in ("code", "prose")},
+            "specialisation": mean_std([r["specialisation"] for r in mine]),
+            "seeds": [r["seed"] for r in mine],
+            "allreduce_overhead": 1.0 if mode == "micro" else (cost["ratio_median"] if cost else None),
+            "specialisation_per_layer": [statistics.fmean(r["specialisation_per_layer"][l] for r in mine)
+                                         for l in range(len(mine[0]["specialisation_per_layer"]))],
+            "balance": {k: mean_std([r["balance"][k] for r in mine]) for k in mine[0]["balance"]},
+            "per_seed": [{"seed": r["seed"], "val_loss": r["val_loss"], "specialisation": r["specialisation"],
+                          "balance": r["balance"], "train_s": r["train_s"]} for r in mine],
+        }
+    out["allreduce_overhead_detail"] = cost
+    out["config"] = {"model": MODEL, "train": {**TRAIN, "steps": args.steps}, "metric": {
+        "specialisation": "Jensen-Shannon divergence (bits) between code and prose expert distributions on held-out "
+                          "text, per layer, mean over layers",
+        "allreduce_overhead": "step time with global sync / micro (no sync), 2-process DDP, median over rounds"}}
+    out["command"] = "python " + " ".join(sys.argv)
+    out["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per training run")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at a time (1 thread each)")
+    parser.add_argument("--rounds", type=int, default=9, help="timing rounds of the all-reduce overhead")
+    parser.add_argument("--steps-per-block", type=int, default=20)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "moe_balance"))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--plot", default=str(PLOT))
+    parser.add_argument("--one-run", nargs=2, metavar=("MODE", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_run:
+        one_run(args.one_run[0], int(args.one_run[1]), args.steps, Path(args.out))
+        return
+    reexec_with_stable_malloc()
+    runs = quality(args.seeds, args.steps, args.jobs, Path(args.workdir))
+    cost = None
+    if not args.skip_overhead:
+        cost = overhead(args.steps_per_block, args.rounds)
+        print(f"all-reduce overhead: step time global / micro = {cost['ratio_median']:.4f} "
+              f"(micro {cost['step_ms']['micro']:.2f} ms, global {cost['step_ms']['global']:.2f} ms; "
+              f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us)", flush=True)
+    result = report(runs, cost, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    plot(runs, Path(args.plot))
+    for mode in MODES:
+        r = result[mode]
+        print(f"{mode:6s}: val code {r['val_loss']['code']['mean']:.4f}±{r['val_loss']['code']['std']:.4f}  "
+              f"prose {r['val_loss']['prose']['mean']:.4f}±{r['val_loss']['prose']['std']:.4f}  "
+              f"JSD {r['specialisation']['mean']:.4f}±{r['specialisation']['std']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
