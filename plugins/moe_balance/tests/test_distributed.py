@@ -31,7 +31,7 @@ JOB = Path(__file__).parent / "moe_dist_job.py"
 def run_job(tmp_path: Path, *args: str) -> list[dict]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path), *args], env=env, capture_output=True,
-                          text=True, timeout=400, cwd=tmp_path)
+                          text=True, timeout=400, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -34,7 +34,7 @@ def test_top2_balanced_router_gives_one_and_collapsed_gives_experts_over_k() -> 
     # p = [.4, .4, .2] and its rotations: each expert chosen twice out of 6 choices, P uniform
     a, b = math.log(0.4), math.log(0.2)
     balanced = torch.tensor([[a, a, b], [b, a, a], [a, b, a]])
-    c, s, t = routing_statistics(balanced, top_k=2)
+    c, _, _ = routing_statistics(balanced, top_k=2)
     assert c.tolist() == [2.0, 2.0, 2.0]
     assert lbl(balanced, 2).item() == pytest.approx(1.0, rel=1e-6)
     # every token sends its 2 choices to experts 0 and 1 with all the probability: LBL -> N_E / k = 2

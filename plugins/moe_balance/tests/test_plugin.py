@@ -114,8 +114,11 @@ def test_the_loss_is_coefficient_times_the_mean_layer_lbl_with_gradient_to_the_r
     host, plugin = attached(model, coefficient=0.3, mode="micro")
     batch = windows()
     aux = step(host, model, batch, task_weight=0.0)
-    expected = torch.stack([(lambda c, s, t: load_balancing_loss(c, t, s, t, 2))(*routing_statistics(z, 2))
-                            for z in router_logits(model, batch)]).mean() * 0.3
+    per_layer = []
+    for z in router_logits(model, batch):
+        c, s, t = routing_statistics(z, 2)
+        per_layer.append(load_balancing_loss(c, t, s, t, 2))
+    expected = torch.stack(per_layer).mean() * 0.3
     assert torch.allclose(aux, expected)
     aux.backward()
     assert model.blocks[0].moe.router.gate.weight.grad.abs().sum() > 0
@@ -145,8 +148,8 @@ def test_non_reentrant_checkpointing_counts_once_and_gives_the_same_loss_and_gra
     results = {}
     for mode in (None, "non_reentrant"):
         model = small_lm(activation_checkpointing=mode)
-        calls = []
-        model.blocks[0].moe.router.register_forward_hook(lambda *a: calls.append(1))
+        calls: list[int] = []
+        model.blocks[0].moe.router.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         host, plugin = attached(model, mode="global")
         aux = step(host, model, batch, task_weight=0.0)
         step.total.backward()
@@ -282,7 +285,8 @@ def fit_lm(tmp_path: Path, coefficient: float, steps: int = 40, **trainer_kwargs
 def test_lightning_run_balances_the_routers_and_logs_the_figures(tmp_path: Path) -> None:
     without = fit_lm(tmp_path / "off", 0.0)
     balanced = fit_lm(tmp_path / "on", 0.5)
-    rows = list(csv.DictReader(open(Path(balanced.logger.log_dir) / "metrics.csv")))
+    with open(Path(balanced.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     logged = [r for r in rows if r.get("batchkit/moe_lbl/lbl_global_batch")]
     assert [int(r["step"]) for r in logged] == [4, 9, 14, 19, 24, 29, 34, 39]  # every 5 optimizer steps, with Lightning's
     for key in ("lbl", "imbalance", "layer1/imbalance", "layer0/load/expert3"):
