@@ -207,6 +207,8 @@ class BatchKitCallback(Callback):
         ctx.total_steps = int(total) if total != float("inf") else None
         if not self._resumed:
             ctx.global_step = trainer.global_step
+        # A resume in the middle of an epoch skips on_train_epoch_start: take the epoch from here.
+        ctx.epoch = self._progress.epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ctx = self.host.ctx

@@ -315,8 +315,11 @@ def test_mid_epoch_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path: Pa
             perm = torch.from_numpy(self.rng.permutation(len(batch[0])))
             return [lam * batch[0] + (1 - lam) * batch[0][perm], batch[1], batch[2]]
 
+    recorders: list[RecordingPlugin] = []
+
     def plugins() -> list:
-        return [RecordingPlugin(), MixX(alpha=0.4)]
+        recorders.append(RecordingPlugin())
+        return [recorders[-1], MixX(alpha=0.4)]
 
     loader = lambda: DataLoader(IndexedDataset(n=56), batch_size=8, shuffle=True)  # noqa: E731 - 7 batches/epoch
 
@@ -335,6 +338,10 @@ def test_mid_epoch_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path: Pa
     resumed, trainer = _resume_run(tmp_path / "resumed", plugins())
     trainer.fit(resumed, loader(), ckpt_path=saved[0])
     assert part.seen[:9] + resumed.seen == full.seen  # the same samples in the same order
+    # the context is where the uninterrupted run's was (epoch included, though Lightning skips
+    # on_train_epoch_start when it resumes mid-epoch)
+    where = lambda rec: [(e["epoch"], e["batch_idx"], e["global_step"]) for e in rec.hooks("step_end")]  # noqa: E731
+    assert where(recorders[-1]) == where(recorders[0])[9:]
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name  # bit-identical weights and BatchNorm statistics
 
