@@ -74,6 +74,10 @@ def batchkit_setup(host: PluginHost, trainer: Any, module: Any, stage: str) -> N
 def batchkit_epoch_start(epoch: int, ctx: BatchKitContext) -> None:
     """Called at the start of every training epoch, before its first batch is drawn.
 
+    Not called for the epoch a run resumes into from a mid-epoch checkpoint: that epoch already
+    started before the checkpoint, and the plugin's restored state carries on from there
+    (``ctx.epoch`` is still right).
+
     :param epoch: the 0-based epoch about to start.
     :param ctx: the host's context.
 
