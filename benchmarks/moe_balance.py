@@ -23,7 +23,7 @@ processes, median over rounds of the ratio ``step time global / step time micro`
 The training runs hold the shared CPU lock (``/tmp/bk-cpu.lock``), the timing part the exclusive
 one. Each training run is its own process with 1 torch thread; ``--jobs 2`` runs two at a time.
 
-    python benchmarks/moe_balance.py [--seeds 0 1 2] [--steps 400] [--jobs 2] [--rounds 9]
+    python benchmarks/moe_balance.py [--seeds 0 1 2] [--steps 600] [--jobs 2] [--rounds 21]
 
 Writes benchmarks/results/moe_balance.json and docs/methods/moe_balance_expert_load.png.
 """
@@ -241,8 +241,16 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
         for mode in order:
             times[mode].append(block(mode))
     loss_stage_us = {m: hosts[m].timings()["moe_lbl"]["batchkit_transform_loss"]["mean_us"] for m in MODES}
+    # The collective alone: the same [layers, experts + 1] float64 packet, back to back, ranks in step.
+    packet = torch.zeros(MODEL["layers"], MODEL["num_experts"] + 1, dtype=torch.float64)
+    torch_dist.barrier()
+    latencies = []
+    for _ in range(300):
+        start = time.perf_counter()
+        torch_dist.all_reduce(packet)
+        latencies.append(time.perf_counter() - start)
     if rank == 0:
-        queue.put({"times": times, "loss_stage_us": loss_stage_us})
+        queue.put({"times": times, "loss_stage_us": loss_stage_us, "allreduce_alone_us": 1e6 * statistics.median(latencies[50:])})
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 
@@ -269,6 +277,7 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
         "ratios": ratios,
         "step_ms": {m: 1e3 * statistics.median(times[m]) for m in MODES},
         "loss_stage_us": result["loss_stage_us"],
+        "allreduce_alone_us": result["allreduce_alone_us"],
         "steps_per_block": steps_per_block,
         "rounds": rounds,
         "setup": "2 processes, DDP on gloo, 1 torch thread each, micro-batch "
@@ -354,11 +363,12 @@ def report(runs: list[dict], cost: dict | None, args: argparse.Namespace) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per training run")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at a time (1 thread each)")
-    parser.add_argument("--rounds", type=int, default=9, help="timing rounds of the all-reduce overhead")
-    parser.add_argument("--steps-per-block", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=21, help="timing rounds of the all-reduce overhead")
+    parser.add_argument("--steps-per-block", type=int, default=30)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--reuse-runs", action="store_true", help="take the training runs already in --workdir")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "moe_balance"))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--plot", default=str(PLOT))
@@ -368,13 +378,18 @@ def main() -> None:
         one_run(args.one_run[0], int(args.one_run[1]), args.steps, Path(args.out))
         return
     reexec_with_stable_malloc()
-    runs = quality(args.seeds, args.steps, args.jobs, Path(args.workdir))
+    if args.reuse_runs:
+        runs = [json.loads((Path(args.workdir) / f"{mode}_seed{seed}.json").read_text()) for seed in args.seeds for mode in MODES]
+        assert all(r["steps"] == args.steps for r in runs), "--steps differs from the runs in --workdir"
+    else:
+        runs = quality(args.seeds, args.steps, args.jobs, Path(args.workdir))
     cost = None
     if not args.skip_overhead:
         cost = overhead(args.steps_per_block, args.rounds)
         print(f"all-reduce overhead: step time global / micro = {cost['ratio_median']:.4f} "
               f"(micro {cost['step_ms']['micro']:.2f} ms, global {cost['step_ms']['global']:.2f} ms; "
-              f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us)", flush=True)
+              f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us; "
+              f"all-reduce alone {cost['allreduce_alone_us']:.0f} us)", flush=True)
     result = report(runs, cost, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
