@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_moe import TinyMoE  # noqa: E402
 from tiny_moe import TokenDataset  # noqa: E402
 
-moe_lm = pytest.importorskip("batchkit_examples.moe_lm")
+from batchkit_examples import moe_lm  # noqa: E402
 
 
 def small_lm(**kwargs) -> nn.Module:
