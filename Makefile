@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml $(wildcard cuda_ext/pyproject.toml plugins/*/pyproject.
 	# torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet $(foreach d,$(DISTS),-e $(d)) -e '.[test]' ninja
+	# Test-only parity baseline for moe_balance (HF's load_balancing_loss_func); it does not pull torch.
+	$(PIP) install --quiet transformers
 	# Test-only parity baselines; --no-deps because their torchvision requirement would replace torch.
 	$(PIP) install --quiet --no-deps timm torch-optimizer pytorch-ranger
 	touch $(STAMP)
