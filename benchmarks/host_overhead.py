@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import TensorDataset
 
 from _common import MALLOC_ENV
+from _common import machine
 from _common import reexec_with_stable_malloc
 
 from batchkit import Plugin
@@ -184,8 +184,7 @@ def main() -> None:
         "hook_ms_per_step_per_plugin": {k: 1e3 * v / (args.epochs * batches) for k, v in hook_seconds.items()},
         "timed_steps_per_run": steps,
         "repeats": args.repeats,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "malloc_env": MALLOC_ENV,
         "model": f"MLP {args.dim}-{args.hidden}-{args.hidden}-10, batch {args.batch_size}",
         "command": "python benchmarks/host_overhead.py "

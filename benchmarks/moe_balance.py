@@ -34,7 +34,6 @@ import argparse
 import fcntl
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ from typing import Any
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,7 +356,7 @@ def report(runs: list[dict], cost: dict | None, args: argparse.Namespace) -> dic
                           "text, per layer, mean over layers",
         "allreduce_overhead": "step time with global sync / micro (no sync), 2-process DDP, median over rounds"}}
     out["command"] = "python " + " ".join(sys.argv)
-    out["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    out["machine"] = machine()
     return out
 
 

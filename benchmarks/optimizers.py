@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 from _common import MALLOC_ENV
+from _common import machine
 from _common import reexec_with_stable_malloc
 
 ROOT = Path(__file__).resolve().parent
@@ -121,25 +121,6 @@ def parity_vs_timm(shapes, steps: int) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory": mem,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from batchkit import Plugin
 from batchkit import PluginError
 from batchkit import hookimpl
 from batchkit.lightning import BatchKitCallback
+from batchkit.testing import FailAtStep
 
 
 def make_trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
@@ -281,19 +282,6 @@ def test_plugin_metrics_reach_csv_and_wandb_loggers(tmp_path: Path) -> None:
     run_files = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
     assert run_files and b"batchkit/mixup/lambda" in run_files[0].read_bytes()
 
-
-class FailAtStep(Plugin):
-    """Simulates a crash: raises in the batch stage once ``ctx.global_step`` reaches ``step``."""
-
-    name = "fail_at_step"
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def batchkit_transform_batch(self, ctx: Any) -> None:
-        if ctx.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def _resume_run(tmp_path: Path, plugins: list, **kwargs: Any) -> tuple[TinyModule, pl.Trainer]:

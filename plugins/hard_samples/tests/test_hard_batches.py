@@ -20,13 +20,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data import SequentialSampler
 
 from batchkit import ConfigError
-from batchkit import Plugin
 from batchkit import PluginError
-from batchkit import hookimpl
 from batchkit.host import BatchKitContext
 from batchkit.lightning import BatchKitCallback
 from batchkit_hard_samples import HardBatchSelection
 from batchkit_hard_samples import top_delta_batches
+from batchkit.testing import FailAtStep
 
 
 # -- the rule on hand-made tables ---------------------------------------------------------------
@@ -170,17 +169,6 @@ def test_gradient_accumulation_counts_loader_batches(tmp_path: Path) -> None:
     assert trainer.global_step == base_trainer.global_step == 3 * 4  # ceil(7 / 2) steps per epoch
     assert len(hard.seen) == 21 and plugin.recorded_upto == 21  # every loader batch is a position
 
-
-class FailAtStep(Plugin):
-    name = "fail_at_step"
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def batchkit_transform_batch(self, ctx: Any) -> None:
-        if ctx.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 @pytest.mark.parametrize(

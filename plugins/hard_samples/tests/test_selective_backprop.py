@@ -26,6 +26,7 @@ from batchkit.lightning import BatchKitCallback
 from batchkit_hard_samples import SelectiveBackprop
 from batchkit_hard_samples import rank_probabilities
 from batchkit_hard_samples import should_select
+from batchkit.testing import FailAtStep
 
 
 # -- formulas -----------------------------------------------------------------------------------
@@ -230,17 +231,6 @@ def test_top_k_keeps_the_samples_with_the_highest_scoring_losses(tmp_path: Path)
     module, _ = fit(tmp_path, [spy, SelectiveBackprop(keep=0.25, method="top_k", start=0.0, end=1.0, interrupt=0)], max_epochs=1)
     assert [sorted(s) for s in module.seen] == spy.expected and all(len(s) == 2 for s in module.seen)
 
-
-class FailAtStep(Plugin):
-    name = "fail_at_step"
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def batchkit_transform_batch(self, ctx: Any) -> None:
-        if ctx.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
