@@ -373,13 +373,16 @@ class MoELoadBalancing(Plugin):
         global_lbl = load_balancing_loss(counts, tokens, prob_sum, tokens, k)  # over the whole global batch
         imbalance = load_imbalance(counts)
         training_term = loss_sum / (dist.get_world_size() * max(self._micro_steps, 1))
-        self.log("lbl", float(training_term.mean()))
-        self.log("lbl_global_batch", float(global_lbl.mean()))
-        self.log("imbalance", float(imbalance.mean()))
         load = counts / (k * tokens.clamp_min(1))[:, None]  # global f_i per layer
+        # one device-to-host copy for every figure (not one sync per logged number)
+        means = torch.stack([training_term.mean(), global_lbl.mean(), imbalance.mean()]).tolist()
+        global_lbl, imbalance, load = global_lbl.tolist(), imbalance.tolist(), load.tolist()
+        self.log("lbl", means[0])
+        self.log("lbl_global_batch", means[1])
+        self.log("imbalance", means[2])
         for layer in range(self.num_layers):
-            self.log(f"layer{layer}/lbl_global_batch", float(global_lbl[layer]))
-            self.log(f"layer{layer}/imbalance", float(imbalance[layer]))
+            self.log(f"layer{layer}/lbl_global_batch", global_lbl[layer])
+            self.log(f"layer{layer}/imbalance", imbalance[layer])
             if self.log_expert_load:
                 for expert in range(E):
-                    self.log(f"layer{layer}/load/expert{expert}", float(load[layer, expert]))
+                    self.log(f"layer{layer}/load/expert{expert}", load[layer][expert])
