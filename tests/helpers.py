@@ -11,26 +11,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from batchkit import Plugin
 from batchkit import hookimpl
+from batchkit.testing import IndexedDataset  # noqa: F401 - re-exported for the tests
 
-
-class IndexedDataset(Dataset):
-    """``(x, y, index)`` samples of a fixed random linear-classification problem."""
-
-    def __init__(self, n: int = 96, dim: int = 8, classes: int = 3, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        w = torch.randn(dim, classes, generator=g)
-        self.y = (self.x @ w).argmax(1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.x[i], self.y[i], i
 
 
 class TinyModule(pl.LightningModule):

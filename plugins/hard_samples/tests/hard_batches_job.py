@@ -20,7 +20,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
-from hard_samples_support import IndexedData  # noqa: E402
+from hard_samples_support import LABEL_NOISE  # noqa: E402
 from hard_samples_support import RecordingNet  # noqa: E402
 from hard_samples_support import batch_ids  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
+from batchkit.testing import IndexedDataset  # noqa: E402
 from batchkit_hard_samples import HardBatchSelection  # noqa: E402
 
 EPOCHS = 3
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace, out: Path, ckpt_path: str | None = None, save_
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
     )
     # 96 samples, 2 ranks, batch 6: 48 per rank -> M = 8 mini-batches per rank, k = 4 per round
-    trainer.fit(module, DataLoader(IndexedData(n=96), batch_size=6, shuffle=True), ckpt_path=ckpt_path)
+    trainer.fit(module, DataLoader(IndexedDataset(n=96, noise=LABEL_NOISE), batch_size=6, shuffle=True), ckpt_path=ckpt_path)
     return {
         "rank": trainer.global_rank,
         "global_step": trainer.global_step,

@@ -10,23 +10,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 
-class IndexedData(Dataset):
-    """``(x, y, index)`` samples of a fixed noisy linear-classification problem."""
 
-    def __init__(self, n: int = 96, dim: int = 8, classes: int = 3, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        w = torch.randn(dim, classes, generator=g)
-        self.y = (self.x @ w + 0.8 * torch.randn(n, classes, generator=g)).argmax(1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.x[i], self.y[i], i
+#: label noise for the tests' datasets, so mini-batch losses keep differing as training goes on
+LABEL_NOISE = 0.8
 
 
 class RecordingNet(pl.LightningModule):

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from hard_samples_support import IndexedData
+from hard_samples_support import LABEL_NOISE
 from hard_samples_support import RecordingNet
 from hard_samples_support import batch_ids
 from hard_samples_support import make_trainer
@@ -26,6 +26,7 @@ from batchkit.lightning import BatchKitCallback
 from batchkit_hard_samples import HardBatchSelection
 from batchkit_hard_samples import top_delta_batches
 from batchkit.testing import FailAtStep
+from batchkit.testing import IndexedDataset
 
 
 # -- the rule on hand-made tables ---------------------------------------------------------------
@@ -115,7 +116,7 @@ def test_bad_options_are_refused_with_the_fix() -> None:
 
 
 def loader(n: int = 56, shuffle: bool = True, **kwargs: Any) -> DataLoader:
-    return DataLoader(IndexedData(n=n), batch_size=8, shuffle=shuffle, **kwargs)  # n=56: M = 7
+    return DataLoader(IndexedDataset(n=n, noise=LABEL_NOISE), batch_size=8, shuffle=shuffle, **kwargs)  # n=56: M = 7
 
 
 def fit(tmp_path: Path, plugins: list, data: DataLoader | None = None, **kwargs: Any) -> tuple[RecordingNet, pl.Trainer]:

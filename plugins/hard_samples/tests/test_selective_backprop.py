@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from hard_samples_support import IndexedData
+from hard_samples_support import LABEL_NOISE
 from hard_samples_support import RecordingNet
 from hard_samples_support import make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -27,6 +27,7 @@ from batchkit_hard_samples import SelectiveBackprop
 from batchkit_hard_samples import rank_probabilities
 from batchkit_hard_samples import should_select
 from batchkit.testing import FailAtStep
+from batchkit.testing import IndexedDataset
 
 
 # -- formulas -----------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def fit(tmp_path: Path, plugins: list, module: pl.LightningModule | None = None,
     module = module or RecordingNet()
     fit_kwargs = kwargs.pop("fit_kwargs", {})
     trainer = make_trainer(tmp_path, [BatchKitCallback(plugins), *kwargs.pop("callbacks", [])], **kwargs)
-    trainer.fit(module, DataLoader(IndexedData(n=64), batch_size=8, shuffle=True), **fit_kwargs)  # 8 batches/epoch
+    trainer.fit(module, DataLoader(IndexedDataset(n=64, noise=LABEL_NOISE), batch_size=8, shuffle=True), **fit_kwargs)  # 8 batches/epoch
     return module, trainer
 
 
