@@ -31,6 +31,10 @@ DISABLE_ENV = "BATCHKIT_FUSED"
 #: Overrides the cache directory of built libraries.
 CACHE_ENV = "BATCHKIT_EXT_CACHE"
 
+#: nvcc flags of every CUDA build (the loader's and nvcc_check's). --fmad=false: no fused
+#: multiply-adds, so the kernels round exactly like the CPU twin (built with -ffp-contract=off).
+CUDA_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+
 _lock = threading.Lock()
 _libraries: dict[str, ctypes.CDLL | None] = {}
 _failures: dict[str, str] = {}
@@ -88,7 +92,7 @@ def _build(kind: str) -> ctypes.CDLL:
         arch = f"{major}{minor}"
         extra = dict(
             extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            extra_cuda_cflags=[*CUDA_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"],
         )
     name = _build_name(kind, sources, extra)
     build_dir = _cache_root() / name

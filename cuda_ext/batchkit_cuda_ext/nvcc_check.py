@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._loader import CSRC, CUDA_SOURCE
+from ._loader import CSRC, CUDA_FLAGS, CUDA_SOURCE
 
 DEFAULT_ARCHS = ("80", "90")
 
@@ -37,7 +37,7 @@ def compile_check(arch: str, out_dir: Path, nvcc: str | None = None) -> Path:
     if nvcc is None:
         raise FileNotFoundError("nvcc not found on PATH or in /usr/local/cuda/bin")
     out = Path(out_dir) / f"bk_optim_cuda_sm{arch}.o"
-    cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    cmd = [nvcc, "-c", *CUDA_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}",
            "-Xcompiler", "-fPIC", "-Werror", "all-warnings", f"-I{CSRC}", str(CUDA_SOURCE), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out

@@ -154,8 +154,13 @@ def _raise_on(code: int, call: _Call, what: str) -> None:
 
 
 def lamb(what: int, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: LambHyper,
-         lr: torch.Tensor, sq: torch.Tensor, clip: torch.Tensor | None = None, stash=None) -> None:
+         lr: torch.Tensor, sq: torch.Tensor, clip: torch.Tensor | None = None, stash=None,
+         check: bool = True) -> None:
     """One fused LAMB call over parallel lists (see the module docstring).
+
+    ``check=False`` skips the per-tensor device/dtype/layout/size checks (about 1 us per tensor
+    and list, which is most of the host time of a GPU step with hundreds of tensors): for
+    callers that guarantee them, as the optimizers do when they create and load their state.
 
     ``stash``: None, or fp32 buffers shaped like the params where pass 1 stores the update
     direction u and pass 2 reads it back instead of recomputing it from m, v and x: 4 more
@@ -169,7 +174,8 @@ def lamb(what: int, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: LambHype
                  exp_avg_sqs=exp_avg_sqs, steps=steps)
     if stash is not None:
         lists["stash"] = stash
-    _check_lists(lists, device, dtype)
+    if check:
+        _check_lists(lists, device, dtype)
     if sq.shape != (len(params), 2) or sq.dtype != torch.float32 or not sq.is_contiguous():
         raise ValueError("sq must be a contiguous fp32 tensor of shape [n, 2]")
     call = _prepare(params)
@@ -186,13 +192,15 @@ def lamb(what: int, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: LambHype
 
 
 def lars(what: int, params, grads, momentum_buffers, steps, hyper: LarsHyper,
-         lr: torch.Tensor, sq: torch.Tensor) -> None:
-    """One fused LARS call; ``momentum_buffers`` entries may be None when momentum is 0."""
+         lr: torch.Tensor, sq: torch.Tensor, check: bool = True) -> None:
+    """One fused LARS call; ``momentum_buffers`` entries may be None when momentum is 0.
+    ``check``: as for :func:`lamb`."""
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    _check_lists(dict(params=params, grads=grads, momentum_buffers=momentum_buffers, steps=steps),
-                 device, dtype)
+    if check:
+        _check_lists(dict(params=params, grads=grads, momentum_buffers=momentum_buffers, steps=steps),
+                     device, dtype)
     if sq.shape != (len(params), 2) or sq.dtype != torch.float32 or not sq.is_contiguous():
         raise ValueError("sq must be a contiguous fp32 tensor of shape [n, 2]")
     call = _prepare(params)

@@ -2,7 +2,8 @@
 //
 // Design (see docs/optimizers.md):
 // * multi-tensor-apply: tensor addresses and a block -> (tensor, chunk) table travel by
-//   value as a kernel argument (< 4 KB), one block per 64K-element chunk;
+//   value as a kernel argument (< 32 KB with CUDA 12.1+, else < 4 KB), one block per
+//   64K-element chunk, kILP independent loads in flight per thread;
 // * LAMB runs in two passes and never writes p.grad: pass 1 updates m, v and writes
 //   per-chunk partial sums of x^2 and u^2; a reduce kernel sums them per tensor in a
 //   fixed order (deterministic, no atomics); pass 2 recomputes u from m, v, x and
@@ -23,9 +24,22 @@ namespace {
 
 constexpr int kChunk = 1 << 16;
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 24;   // per launch; keeps the argument struct (depth <= 5) under 4 KB
-constexpr int kMaxBlocks = 320;   // per launch
-constexpr int kMaxReduce = 320;   // tensors per reduce launch
+// Each thread keeps kILP elements' loads in flight (elements kThreads apart, so every load
+// stays coalesced and the per-thread summation order is the plain strided one).
+constexpr int kILP = 4;
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+// CUDA 12.1+ passes up to 32764 bytes of kernel arguments (Volta and newer): a whole
+// BERT-large layer stack goes out in a few launches per pass.
+constexpr int kMaxTensors = 96;    // per launch (block_tensor is one byte)
+constexpr int kMaxBlocks = 1536;   // per launch
+constexpr int kMaxReduce = 1024;   // tensors per reduce launch
+constexpr size_t kArgLimit = 32764;
+#else
+constexpr int kMaxTensors = 24;
+constexpr int kMaxBlocks = 320;
+constexpr int kMaxReduce = 320;
+constexpr size_t kArgLimit = 4096;
+#endif
 
 template <int DEPTH>
 struct TensorMeta {
@@ -38,15 +52,16 @@ struct TensorMeta {
   int32_t block_chunk[kMaxBlocks];
 };
 
-// Kernel parameters are limited to 4 KB (without the CUDA 12.1 large-argument opt-in).
-static_assert(sizeof(TensorMeta<5>) + sizeof(bk::LambHyper) + 2 * sizeof(void*) <= 4096,
+static_assert(sizeof(TensorMeta<5>) + sizeof(bk::LambHyper) + 2 * sizeof(void*) <= kArgLimit,
               "TensorMeta exceeds the kernel parameter limit; lower kMaxTensors or kMaxBlocks");
+
 
 struct ReduceMeta {
   int32_t index[kMaxReduce];
   int32_t chunk_base[kMaxReduce];
   int32_t n_chunks[kMaxReduce];
 };
+static_assert(sizeof(ReduceMeta) + 2 * sizeof(void*) <= kArgLimit, "ReduceMeta exceeds the kernel parameter limit");
 
 // Sum of two values over the block; result valid in thread 0. Fixed tree order.
 __device__ __forceinline__ float2 block_sum2(float a, float b) {
@@ -86,17 +101,31 @@ lamb_pass1_kernel(TensorMeta<5> meta, bk::LambHyper h, const float* clip, float*
   const bk::LambStepConsts sc = bk::lamb_step_consts(h, *meta.step[slot]);
   const float inv_clip = clip ? 1.0f / *clip : 1.0f;
   float sx = 0.f, su = 0.f;
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-    const float gi = bk::to_float(g[i]) * inv_clip;
-    const float xi = bk::to_float(x[i]);
-    float mi = m[i], vi = v[i];
-    bk::lamb_moments(gi, xi, mi, vi, h);
-    m[i] = mi;
-    v[i] = vi;
-    const float u = bk::lamb_direction(mi, vi, xi, h, sc);
-    if (STASH) stash[i] = u;
-    sx += xi * xi;
-    su += u * u;
+  for (int64_t base = threadIdx.x; base < len; base += kThreads * kILP) {
+    float gi[kILP], xi[kILP], mi[kILP], vi[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {  // all loads first
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        gi[k] = bk::to_float(g[i]);
+        xi[k] = bk::to_float(x[i]);
+        mi[k] = m[i];
+        vi[k] = v[i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        bk::lamb_moments(gi[k] * inv_clip, xi[k], mi[k], vi[k], h);
+        m[i] = mi[k];
+        v[i] = vi[k];
+        const float u = bk::lamb_direction(mi[k], vi[k], xi[k], h, sc);
+        if (STASH) stash[i] = u;
+        sx += xi[k] * xi[k];
+        su += u * u;
+      }
+    }
   }
   const float2 s = block_sum2(sx, su);
   if (threadIdx.x == 0) {
@@ -123,10 +152,25 @@ lamb_pass2_kernel(TensorMeta<4> meta, bk::LambHyper h, const float* lr_ptr, cons
   const bk::LambStepConsts sc = bk::lamb_step_consts(h, *meta.step[slot]);
   const float decay = bk::lamb_decay(lr, h);
   const float lr_ratio = lr * bk::lamb_trust_ratio(sq[2 * t], sq[2 * t + 1], decay, h);
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-    const float xi = bk::to_float(x[i]);
-    const float u = STASH ? stash[i] : bk::lamb_direction(m[i], v[i], xi, h, sc);
-    bk::from_float(&x[i], bk::lamb_apply(xi, u, lr_ratio, decay, h));
+  for (int64_t base = threadIdx.x; base < len; base += kThreads * kILP) {
+    float xi[kILP], mi[kILP], vi[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        xi[k] = bk::to_float(x[i]);
+        mi[k] = STASH ? stash[i] : m[i];  // with a stash, mi holds u
+        vi[k] = STASH ? 0.f : v[i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        const float u = STASH ? mi[k] : bk::lamb_direction(mi[k], vi[k], xi[k], h, sc);
+        bk::from_float(&x[i], bk::lamb_apply(xi[k], u, lr_ratio, decay, h));
+      }
+    }
   }
 }
 
@@ -140,11 +184,23 @@ lars_norm_kernel(TensorMeta<2> meta, float* partials) {
   const T* g = static_cast<const T*>(meta.addr[0][slot]) + start;
   const T* x = static_cast<const T*>(meta.addr[1][slot]) + start;
   float sx = 0.f, sg = 0.f;
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-    const float xi = bk::to_float(x[i]);
-    const float gi = bk::to_float(g[i]);
-    sx += xi * xi;
-    sg += gi * gi;
+  for (int64_t base = threadIdx.x; base < len; base += kThreads * kILP) {
+    float xi[kILP], gi[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        xi[k] = bk::to_float(x[i]);
+        gi[k] = bk::to_float(g[i]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      if (base + k * kThreads < len) {
+        sx += xi[k] * xi[k];
+        sg += gi[k] * gi[k];
+      }
+    }
   }
   const float2 s = block_sum2(sx, sg);
   if (threadIdx.x == 0) {
@@ -169,12 +225,26 @@ lars_update_kernel(TensorMeta<3> meta, bk::LarsHyper h, const float* lr_ptr, con
   const float lr = *lr_ptr;
   const float ratio = bk::lars_trust_ratio(sq[2 * t], sq[2 * t + 1], lr, h);
   const bool first = *meta.step[slot] <= 1.0f;
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-    float xi = bk::to_float(x[i]);
-    float bi = MOMENTUM ? buf[i] : 0.f;
-    bk::lars_apply(bk::to_float(g[i]), xi, bi, ratio, lr, first, h);
-    bk::from_float(&x[i], xi);
-    if (MOMENTUM) buf[i] = bi;
+  for (int64_t base = threadIdx.x; base < len; base += kThreads * kILP) {
+    float gi[kILP], xi[kILP], bi[kILP];
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        gi[k] = bk::to_float(g[i]);
+        xi[k] = bk::to_float(x[i]);
+        bi[k] = MOMENTUM && !first ? buf[i] : 0.f;  // the first step does not read the buffer
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kILP; ++k) {
+      const int64_t i = base + k * kThreads;
+      if (i < len) {
+        bk::lars_apply(gi[k], xi[k], bi[k], ratio, lr, first, h);
+        bk::from_float(&x[i], xi[k]);
+        if (MOMENTUM) buf[i] = bi[k];
+      }
+    }
   }
 }
 

@@ -139,6 +139,13 @@ class LayerwiseOptimizer(Optimizer):
                 continue
             for name, value in saved.items():
                 if torch.is_tensor(value) and (name in self.state_names or name == "step"):
+                    if name != "step" and value.numel() != p.numel():
+                        # the fused kernels trust these sizes: refuse rather than read out of bounds
+                        raise ValueError(
+                            f"{type(self).__name__}.load_state_dict: state {name!r} has {value.numel()} "
+                            f"elements for a parameter of {p.numel()}; this state_dict belongs to "
+                            "another model (or another parameter order)."
+                        )
                     self.state[p][name] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
 
     # ------------------------------------------------------------ step plumbing
@@ -170,21 +177,34 @@ class LayerwiseOptimizer(Optimizer):
 
     def _group_batches(self, group: dict) -> list[Batch]:
         """The group's tensors with gradients, as batches; increments step counters."""
+        # One pass, one state lookup per parameter: with hundreds of tensors this Python loop
+        # is a good part of a GPU step's host time.
         layout = self._zero_layout(group)
-        owners = [p for p in group["params"] if p.grad is not None]
-        for p in owners:
-            if p.grad.is_sparse:
+        owners, states, first_flags = [], [], {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients: layer-wise trust "
                     "ratios need dense norms. Use nn.Embedding(sparse=False) or a sparse optimizer "
                     "(torch.optim.SparseAdam) for those parameters."
                 )
-        first_flags = {}
-        for p in owners:
-            first_flags[id(p)] = len(self.state[p]) == 0
-            if first_flags[id(p)]:
+            st = self.state[p]
+            first = first_flags[id(p)] = len(st) == 0
+            if first:
                 self._new_state(p, group)
-        steps = [self.state[p]["step"] for p in owners]
+            elif st["step"].device != p.device:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a parameter is on {p.device} but its optimizer state is on "
+                    f"{st['step'].device}; the model was moved after the optimizer took steps. Move the "
+                    "model before building the optimizer, or build a new optimizer (and load its "
+                    "state_dict, which places the state on each parameter's device)."
+                )
+            owners.append(p)
+            states.append(st)
+        steps = [st["step"] for st in states]
         if steps:
             torch._foreach_add_(steps, 1.0)
 
@@ -206,14 +226,14 @@ class LayerwiseOptimizer(Optimizer):
             batch.reduce = layout.reducer()
             return [batch]
 
-        by_dtype: dict[tuple, list] = {}
-        for p in owners:
-            st = self.state[p]
-            key = (p.dtype, p.grad.dtype)
-            by_dtype.setdefault(key, []).append(
-                (p, p.grad, {n: st.get(n) for n in self.state_names}, st["step"], first_flags[id(p)])
+        by_kind: dict[tuple, list] = {}
+        names = self.state_names
+        for p, st in zip(owners, states):
+            grad = p.grad
+            by_kind.setdefault((p.device, p.dtype, grad.dtype), []).append(
+                (p, grad, {n: st.get(n) for n in names}, st["step"], first_flags[id(p)])
             )
-        return [self._make_batch(entries) for entries in by_dtype.values()]
+        return [self._make_batch(entries) for entries in by_kind.values()]
 
     def _make_batch(self, entries: list) -> Batch:
         return Batch(

@@ -287,8 +287,8 @@ def _lamb_fused(batch: Batch, group: dict, clip: Tensor | None, opt: Lamb) -> No
     stash = group.get("stash_update")
     stash = opt._stash_views(batch.params, device) if (device.type == "cpu" if stash is None else stash) else None
     if batch.reduce is None:
-        ext.lamb(ext.BOTH, *args, sq=sq, clip=clip, stash=stash)
+        ext.lamb(ext.BOTH, *args, check=False, sq=sq, clip=clip, stash=stash)
         return
-    ext.lamb(ext.PASS1, *args, sq=sq, clip=clip, stash=stash)
+    ext.lamb(ext.PASS1, *args, check=False, sq=sq, clip=clip, stash=stash)
     sq = batch.reduce(sq).contiguous()
-    ext.lamb(ext.PASS2, *args, sq=sq, stash=stash)
+    ext.lamb(ext.PASS2, *args, check=False, sq=sq, stash=stash)

@@ -16,6 +16,34 @@ ALL_ZERO_PARAM = 6  # index of a parameter initialised to zeros (trust ratio mus
 ZERO_GRAD = 7  # index of a parameter whose gradient is always zero
 
 
+# Settings every path is compared under (test_parity.py on the CPU, test_cuda.py on a GPU).
+LAMB_CONFIGS = {
+    "paper": dict(lr=1e-2, weight_decay=0.01),
+    "paper_clip": dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5),
+    "decoupled": dict(lr=1e-2, weight_decay=0.05, weight_decay_mode="decoupled"),
+    "l2_no_bias_correction": dict(lr=1e-2, weight_decay=0.01, weight_decay_mode="l2", bias_correction=False),
+    "no_grad_averaging_lambc": dict(lr=1e-2, grad_averaging=False, trust_clamp=(0.0, 1.0)),
+    "phi_clamped": dict(lr=1e-2, phi=(0.5, 3.0), trust_clamp=(0.01, 10.0)),
+    "no_adapt": dict(lr=1e-3, adapt=False),
+}
+
+LARS_CONFIGS = {
+    "plain": dict(lr=0.5, momentum=0.9, weight_decay=1e-4),
+    "nesterov": dict(lr=0.5, momentum=0.9, weight_decay=1e-4, nesterov=True),
+    "larc_dampening": dict(lr=0.5, momentum=0.8, dampening=0.1, weight_decay=5e-4, trust_clip=True),
+    "no_momentum_clip": dict(lr=0.5, momentum=0.0, weight_decay=1e-4, max_grad_norm=0.3),
+    "no_adapt": dict(lr=0.01, momentum=0.9, adapt=False),
+}
+
+
+
+def pytest_generate_tests(metafunc):
+    """`lamb_config` / `lars_config` arguments run once per entry of the tables above."""
+    for arg, table in (("lamb_config", LAMB_CONFIGS), ("lars_config", LARS_CONFIGS)):
+        if arg in metafunc.fixturenames:
+            metafunc.parametrize(arg, list(table.values()), ids=list(table))
+
+
 def make_params(dtype=torch.float32, seed=0, shapes=MIXED_SHAPES):
     gen = torch.Generator().manual_seed(seed)
     params = []
@@ -47,6 +75,11 @@ def run_steps(opt_factory, steps=100, dtype=torch.float32, shapes=MIXED_SHAPES, 
             p.grad = g
         opt.step()
     return params, opt
+
+
+def config_of(cls, name: str) -> dict:
+    """LAMB_CONFIGS[name] for a LAMB class, LARS_CONFIGS[name] for a LARS one."""
+    return (LAMB_CONFIGS if "lamb" in cls.__name__.lower() else LARS_CONFIGS)[name]
 
 
 def max_abs_diff(a, b) -> float:
@@ -96,5 +129,5 @@ def h():
     """The helpers above (test modules cannot import conftest under --import-mode=importlib)."""
     return types.SimpleNamespace(
         make_params=make_params, make_grads=make_grads, run_steps=run_steps, max_abs_diff=max_abs_diff,
-        MIXED_SHAPES=MIXED_SHAPES, ALL_ZERO_PARAM=ALL_ZERO_PARAM, ZERO_GRAD=ZERO_GRAD,
+        MIXED_SHAPES=MIXED_SHAPES, LAMB_CONFIGS=LAMB_CONFIGS, LARS_CONFIGS=LARS_CONFIGS, config_of=config_of, ALL_ZERO_PARAM=ALL_ZERO_PARAM, ZERO_GRAD=ZERO_GRAD,
     )

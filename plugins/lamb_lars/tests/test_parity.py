@@ -6,25 +6,6 @@ import pytest
 import torch
 from batchkit_lamb_lars import Lamb, Lars
 
-LAMB_CONFIGS = {
-    "paper": dict(lr=1e-2, weight_decay=0.01),
-    "paper_clip": dict(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5),
-    "decoupled": dict(lr=1e-2, weight_decay=0.05, weight_decay_mode="decoupled"),
-    "l2_no_bias_correction": dict(lr=1e-2, weight_decay=0.01, weight_decay_mode="l2", bias_correction=False),
-    "no_grad_averaging_lambc": dict(lr=1e-2, grad_averaging=False, trust_clamp=(0.0, 1.0)),
-    "phi_clamped": dict(lr=1e-2, phi=(0.5, 3.0), trust_clamp=(0.01, 10.0)),
-    "no_adapt": dict(lr=1e-3, adapt=False),
-}
-
-LARS_CONFIGS = {
-    "plain": dict(lr=0.5, momentum=0.9, weight_decay=1e-4),
-    "nesterov": dict(lr=0.5, momentum=0.9, weight_decay=1e-4, nesterov=True),
-    "larc_dampening": dict(lr=0.5, momentum=0.8, dampening=0.1, weight_decay=5e-4, trust_clip=True),
-    "no_momentum_clip": dict(lr=0.5, momentum=0.0, weight_decay=1e-4, max_grad_norm=0.3),
-    "no_adapt": dict(lr=0.01, momentum=0.9, adapt=False),
-}
-
-
 def _three_paths(cls, config, h, dtype=torch.float32, steps=100):
     out = {}
     for impl in ("reference", "foreach", "fused"):
@@ -33,9 +14,8 @@ def _three_paths(cls, config, h, dtype=torch.float32, steps=100):
     return out
 
 
-@pytest.mark.parametrize("name", LAMB_CONFIGS)
-def test_lamb_paths_agree(name, h, fused_cpu):
-    out = _three_paths(Lamb, LAMB_CONFIGS[name], h)
+def test_lamb_paths_agree(lamb_config, h, fused_cpu):
+    out = _three_paths(Lamb, lamb_config, h)
     start = h.make_params()
     moved = h.max_abs_diff(out["reference"], start)
     assert moved > 1e-3, "the optimizer did not move the parameters; the comparison would be vacuous"
@@ -43,17 +23,17 @@ def test_lamb_paths_agree(name, h, fused_cpu):
     assert h.max_abs_diff(out["reference"], out["fused"]) <= 1e-6
 
 
-@pytest.mark.parametrize("name", LARS_CONFIGS)
-def test_lars_paths_agree(name, h, fused_cpu):
-    out = _three_paths(Lars, LARS_CONFIGS[name], h)
+def test_lars_paths_agree(lars_config, h, fused_cpu):
+    out = _three_paths(Lars, lars_config, h)
     assert h.max_abs_diff(out["reference"], h.make_params()) > 1e-4
     assert h.max_abs_diff(out["reference"], out["foreach"]) <= 1e-6
     assert h.max_abs_diff(out["reference"], out["fused"]) <= 1e-6
 
 
-@pytest.mark.parametrize("cls,config", [(Lamb, LAMB_CONFIGS["paper"]), (Lars, LARS_CONFIGS["plain"])])
-def test_special_tensors(cls, config, h, fused_cpu):
+@pytest.mark.parametrize("cls,name", [(Lamb, "paper"), (Lars, "plain")])
+def test_special_tensors(cls, name, h, fused_cpu):
     """Zero-initialised params get ratio 1 (they move); zero-grad params keep still unless decayed."""
+    config = h.config_of(cls, name)
     start = h.make_params()
     for impl in ("reference", "foreach", "fused"):
         params, _ = h.run_steps(lambda ps: cls(ps, impl=impl, **{**config, "weight_decay": 0.0}), steps=3)
@@ -62,9 +42,10 @@ def test_special_tensors(cls, config, h, fused_cpu):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cls,config", [(Lamb, LAMB_CONFIGS["paper"]), (Lars, LARS_CONFIGS["plain"])])
-def test_low_precision_paths_agree_and_state_is_fp32(dtype, cls, config, h, fused_cpu):
+@pytest.mark.parametrize("cls,name", [(Lamb, "paper"), (Lars, "plain")])
+def test_low_precision_paths_agree_and_state_is_fp32(dtype, cls, name, h, fused_cpu):
     """bf16/fp16 params: fp32 math and state on every path; results equal up to one rounding."""
+    config = h.config_of(cls, name)
     out = {}
     for impl in ("reference", "foreach", "fused"):
         params, opt = h.run_steps(lambda ps: cls(ps, impl=impl, **config), steps=10, dtype=dtype)
@@ -130,7 +111,7 @@ def test_step_count_is_per_parameter(h):
 @pytest.mark.parametrize("name", ["paper_clip", "decoupled", "l2_no_bias_correction"])
 def test_fused_stash_is_bit_identical(name, dtype, h, fused_cpu):
     """Keeping u from pass 1 (stash_update=True) changes where u comes from, not its value."""
-    config = LAMB_CONFIGS[name]
+    config = h.LAMB_CONFIGS[name]
     a, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", stash_update=True, **config), steps=15, dtype=dtype)
     b, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", stash_update=False, **config), steps=15, dtype=dtype)
     assert h.max_abs_diff(a, h.make_params(dtype)) > 0
