@@ -6,7 +6,8 @@ Both are built on first use (``torch.utils.cpp_extension``) and cached. Use
 """
 
 from ._loader import FusedUnavailableWarning, failure_reason
-from .ops import BOTH, PASS1, PASS2, SUPPORTED_DTYPES, WD_MODES, LambHyper, LarsHyper, is_available, lamb, lars
+from .ops import (BOTH, PASS1, PASS2, SUPPORTED_DTYPES, WD_MODES, LambHyper, LarsHyper, is_available, lamb, lars,
+                  set_cuda_launch_limits)
 
 __all__ = [
     "BOTH",
@@ -21,5 +22,6 @@ __all__ = [
     "is_available",
     "lamb",
     "lars",
+    "set_cuda_launch_limits",
 ]
 __version__ = "0.1.0"

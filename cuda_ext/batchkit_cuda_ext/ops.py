@@ -13,6 +13,7 @@ Calling convention shared by the CPU twin and the CUDA library:
 
 from __future__ import annotations
 
+import array
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def _check_abi(lib: ctypes.CDLL) -> None:
         lib.bk_cuda_workspace_floats.argtypes = [ctypes.c_int64, _P]
         lib.bk_cuda_error_string.restype = ctypes.c_char_p
         lib.bk_cuda_error_string.argtypes = [ctypes.c_int]
+        lib.bk_cuda_set_launch_limits.restype = ctypes.c_int
+        lib.bk_cuda_set_launch_limits.argtypes = [ctypes.c_int32] * 3 + [ctypes.POINTER(ctypes.c_int32)]
 
 
 def library_for(device: torch.device) -> ctypes.CDLL | None:
@@ -99,8 +102,35 @@ def is_available(device: torch.device | str = "cpu") -> bool:
     return library_for(torch.device(device)) is not None
 
 
-def _ptrs(tensors: Sequence[torch.Tensor | None]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+def set_cuda_launch_limits(tensors: int = 0, blocks: int = 0, reduce: int = 0) -> tuple[int, int, int]:
+    """Lower the CUDA kernels' launch-table sizes (tensors and 64K-element blocks per launch,
+    tensors per reduce launch; 0 = the compiled maximum) and return the compiled maxima.
+
+    For tests: small limits make small tensors cross launch boundaries. Process-wide."""
+    lib = _loader.get_library("cuda")
+    if lib is None:
+        raise RuntimeError(f"the CUDA library is unavailable: {_loader.failure_reason('cuda')}")
+    maxima = (ctypes.c_int32 * 3)()
+    if lib.bk_cuda_set_launch_limits(tensors, blocks, reduce, maxima) != 0:
+        raise ValueError(f"launch limits ({tensors}, {blocks}, {reduce}) outside [0, {tuple(maxima)}]")
+    return tuple(maxima)
+
+
+class _Pointers:
+    """Addresses of a tensor list as a C array (``array`` builds it ~2x faster than ctypes
+    arrays; this runs for every list of every step)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, tensors: Sequence[torch.Tensor | None]):
+        self.array = array.array("Q", [0 if t is None else t.data_ptr() for t in tensors])
+
+    @property
+    def _as_parameter_(self) -> int:  # what ctypes passes for a c_void_p argument
+        return self.array.buffer_info()[0]
+
+
+_ptrs = _Pointers
 
 
 def _check_lists(name_lists: dict[str, Sequence[torch.Tensor | None]], device: torch.device,

@@ -267,6 +267,10 @@ reduce_partials_kernel(ReduceMeta meta, const float* partials, float* sq) {
 // ------------------------------------------------------------------ host side
 int64_t n_chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
+// Launch-table sizes in use: the compiled maxima unless lowered by bk_cuda_set_launch_limits
+// (tests lower them to cross launch boundaries with small tensors).
+int g_max_tensors = kMaxTensors, g_max_blocks = kMaxBlocks, g_max_reduce = kMaxReduce;
+
 // Walks every chunk of every non-empty tensor, fills TensorMeta and calls launch(meta,
 // n_blocks) whenever the block table or the tensor table is full. A tensor cut by a
 // launch boundary is re-entered in slot 0 of the next launch.
@@ -293,7 +297,7 @@ int multi_tensor_apply(int64_t n, const int64_t* numel, void* const* const* list
       meta.block_chunk[nb] = static_cast<int32_t>(ch);
       ++nb;
       const bool last_chunk = ch == nch - 1;
-      if (nb == kMaxBlocks || (nt == kMaxTensors && last_chunk)) {
+      if (nb == g_max_blocks || (nt == g_max_tensors && last_chunk)) {
         launch(meta, nb);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return static_cast<int>(err);
@@ -324,7 +328,7 @@ int reduce_partials(int64_t n, const int64_t* numel, const float* partials, floa
       meta.index[nr] = static_cast<int32_t>(t);
       meta.chunk_base[nr] = static_cast<int32_t>(chunk_base);
       meta.n_chunks[nr] = static_cast<int32_t>(nch);
-      if (++nr == kMaxReduce) {
+      if (++nr == g_max_reduce) {
         reduce_partials_kernel<<<nr, kThreads, 0, stream>>>(meta, partials, sq);
         nr = 0;
       }
@@ -441,6 +445,23 @@ int64_t bk_cuda_workspace_floats(int64_t n, const int64_t* numel) {
   int64_t chunks = 0;
   for (int64_t t = 0; t < n; ++t) chunks += n_chunks_of(numel[t]);
   return 2 * chunks + 2;
+}
+
+// Lowers the launch-table sizes (0 = the compiled maximum); returns -1 if a value is out of
+// range. The compiled maxima are reported back through `maxima` (3 ints) when it is not null.
+int bk_cuda_set_launch_limits(int32_t tensors, int32_t blocks, int32_t reduce, int32_t* maxima) {
+  if (maxima) {
+    maxima[0] = kMaxTensors;
+    maxima[1] = kMaxBlocks;
+    maxima[2] = kMaxReduce;
+  }
+  if (tensors < 0 || tensors > kMaxTensors || blocks < 0 || blocks > kMaxBlocks || reduce < 0 ||
+      reduce > kMaxReduce)
+    return -1;
+  g_max_tensors = tensors ? tensors : kMaxTensors;
+  g_max_blocks = blocks ? blocks : kMaxBlocks;
+  g_max_reduce = reduce ? reduce : kMaxReduce;
+  return 0;
 }
 
 const char* bk_cuda_error_string(int code) {

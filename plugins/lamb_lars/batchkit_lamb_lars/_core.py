@@ -177,10 +177,10 @@ class LayerwiseOptimizer(Optimizer):
 
     def _group_batches(self, group: dict) -> list[Batch]:
         """The group's tensors with gradients, as batches; increments step counters."""
-        # One pass, one state lookup per parameter: with hundreds of tensors this Python loop
-        # is a good part of a GPU step's host time.
-        layout = self._zero_layout(group)
-        owners, states, first_flags = [], [], {}
+        # One pass and one state lookup per parameter: with hundreds of tensors this loop is a
+        # good part of a GPU step's host time.
+        names = self.state_names
+        by_kind: dict[tuple, Batch] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -192,7 +192,7 @@ class LayerwiseOptimizer(Optimizer):
                     "(torch.optim.SparseAdam) for those parameters."
                 )
             st = self.state[p]
-            first = first_flags[id(p)] = len(st) == 0
+            first = len(st) == 0
             if first:
                 self._new_state(p, group)
             elif st["step"].device != p.device:
@@ -202,38 +202,39 @@ class LayerwiseOptimizer(Optimizer):
                     "model before building the optimizer, or build a new optimizer (and load its "
                     "state_dict, which places the state on each parameter's device)."
                 )
-            owners.append(p)
-            states.append(st)
-        steps = [st["step"] for st in states]
+            key = (p.device, p.dtype, grad.dtype)
+            batch = by_kind.get(key)
+            if batch is None:
+                batch = by_kind[key] = Batch([], [], {n: [] for n in names}, [], [])
+            batch.params.append(p)
+            batch.grads.append(grad)
+            for n in names:
+                batch.state[n].append(st.get(n))
+            batch.steps.append(st["step"])
+            batch.first.append(first)
+        steps = [t for batch in by_kind.values() for t in batch.steps]
         if steps:
             torch._foreach_add_(steps, 1.0)
 
-        if layout is not None:
-            if not owners:
-                entries = []
-            else:
-                flat = owners[0]
-                st = self.state[flat]
-                state_views = {
-                    n: layout.views(st[n]) if st.get(n) is not None else [None] * len(layout.starts)
-                    for n in self.state_names
-                }
-                entries = [
-                    (x, g, {n: state_views[n][i] for n in self.state_names}, st["step"], first_flags[id(flat)])
-                    for i, (x, g) in enumerate(zip(layout.views(flat), layout.views(flat.grad)))
-                ]
-            batch = self._make_batch(entries)
-            batch.reduce = layout.reducer()
-            return [batch]
-
-        by_kind: dict[tuple, list] = {}
-        names = self.state_names
-        for p, st in zip(owners, states):
-            grad = p.grad
-            by_kind.setdefault((p.device, p.dtype, grad.dtype), []).append(
-                (p, grad, {n: st.get(n) for n in names}, st["step"], first_flags[id(p)])
-            )
-        return [self._make_batch(entries) for entries in by_kind.values()]
+        layout = self._zero_layout(group)
+        if layout is None:
+            return list(by_kind.values())
+        # ZeRO: the group holds this rank's flat shard; step per-parameter views of it.
+        owned = next(iter(by_kind.values()), None)
+        entries = []
+        if owned is not None:
+            flat, st = owned.params[0], self.state[owned.params[0]]
+            state_views = {
+                n: layout.views(st[n]) if st.get(n) is not None else [None] * len(layout.starts)
+                for n in names
+            }
+            entries = [
+                (x, g, {n: state_views[n][i] for n in names}, st["step"], owned.first[0])
+                for i, (x, g) in enumerate(zip(layout.views(flat), layout.views(flat.grad)))
+            ]
+        batch = self._make_batch(entries)
+        batch.reduce = layout.reducer()
+        return [batch]
 
     def _make_batch(self, entries: list) -> Batch:
         return Batch(
@@ -252,10 +253,11 @@ class LayerwiseOptimizer(Optimizer):
             return "foreach"
         device = batch.params[0].device
         # The fused kernels take contiguous fp32/bf16/fp16 params with grads of the same dtype.
-        fusable = all(
-            p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype
-            and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            for p, g in zip(batch.params, batch.grads)
+        # (a batch holds one param dtype and one grad dtype: see _group_batches)
+        fusable = (
+            batch.params[0].dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and batch.grads[0].dtype == batch.params[0].dtype
+            and all(p.is_contiguous() and g.is_contiguous() for p, g in zip(batch.params, batch.grads))
         )
         if fusable and fused_available(device):
             return "fused"

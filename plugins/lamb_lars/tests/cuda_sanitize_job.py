@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import warnings
 
+import batchkit_cuda_ext
 import torch
 from batchkit_lamb_lars import Lamb, Lars
 
 warnings.simplefilter("error")  # a fallback to the foreach path would check nothing
-# one tensor across two launches (> 320 chunks), chunk edges, > 24 tensors, > 320 tensors, empty
-SHAPES = [(320 * 65536 + 513,), (65537,), (0,), (5, 7), *[(257,)] * 30, *[(3,)] * 330, ()]
+# Small launch tables, so that small tensors cross every boundary: one tensor over several
+# launches, chunk edges, more tensors than a launch (5) or a reduce launch (9) takes, empty.
+batchkit_cuda_ext.set_cuda_launch_limits(5, 7, 9)
+SHAPES = [(7 * 65536 + 513,), (65537,), (0,), (5, 7), *[(257,)] * 8, *[(3,)] * 12, ()]
 
 VARIANTS = [
     (Lamb, dict(weight_decay=0.01, max_grad_norm=1.0, stash_update=False)),

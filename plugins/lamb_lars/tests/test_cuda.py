@@ -77,17 +77,34 @@ def test_lamb_cuda_stash_is_bit_identical(stash, h, fused_cuda):
     assert h.max_abs_diff(a, b) == 0.0
 
 
-# Multi-tensor-apply's limits (24 tensors and 320 blocks of 64K elements per launch, 320 tensors
-# per reduce launch): one tensor cut across two launches, chunk edges, > 24 and > 320 tensors.
-BOUNDARY_SHAPES = [(320 * 65536 + 1000,), (65536,), (65537,), (0,), *[(65535,)] * 30, *[(3,)] * 330, ()]
+@pytest.fixture
+def launch_limits(fused_cuda):
+    """Sets the kernels' launch-table sizes for one test; returns the compiled maxima."""
+    yield fused_cuda.set_cuda_launch_limits
+    fused_cuda.set_cuda_launch_limits()
 
 
+def boundary_shapes(max_tensors: int, max_blocks: int, max_reduce: int) -> list[tuple[int, ...]]:
+    """Shapes that cross every multi-tensor-apply limit: one tensor cut across launches,
+    chunk edges, more tensors than a launch or a reduce launch takes, empty and scalar."""
+    chunk = 65536
+    return [(max_blocks * chunk + 1000,), (chunk,), (chunk + 1,), (0,), *[(chunk - 1,)] * (max_tensors + 6),
+            *[(3,)] * (max_reduce + 7), ()]
+
+
+@pytest.mark.parametrize("limits", ["small", "compiled"])
 @pytest.mark.parametrize("cls,name", [(Lamb, "paper_clip"), (Lars, "nesterov")])
-def test_launch_boundaries(cls, name, h, fused_cuda):
+def test_launch_boundaries(cls, name, limits, h, launch_limits):
+    maxima = launch_limits()
+    if limits == "small":  # every tensor of a few chunks crosses a launch
+        launch_limits(5, 7, 9)
+        shapes = boundary_shapes(5, 7, 9)
+    else:  # the compiled sizes (about 100M elements in one tensor on CUDA 12.1+)
+        shapes = boundary_shapes(*maxima)
     config = h.config_of(cls, name)
-    start = h.make_params(shapes=BOUNDARY_SHAPES)
-    want, _ = run_on(CUDA, cls, config, "reference", h, steps=4, shapes=BOUNDARY_SHAPES)
-    got, _ = run_on(CUDA, cls, config, "fused", h, steps=4, shapes=BOUNDARY_SHAPES)
+    start = h.make_params(shapes=shapes)
+    want, _ = run_on(CUDA, cls, config, "reference", h, steps=3, shapes=shapes)
+    got, _ = run_on(CUDA, cls, config, "fused", h, steps=3, shapes=shapes)
     for i, (a, b, s) in enumerate(zip(want, got, start)):
         if a.numel():
             assert not a.equal(s), f"tensor {i} did not move"
