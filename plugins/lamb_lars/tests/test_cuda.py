@@ -219,3 +219,50 @@ def test_kernels_pass_compute_sanitizer(tool, fused_cuda):
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert "kernels: ok" in proc.stdout, tail
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_gpu_run_with_the_plugin(precision, fused_cuda, monkeypatch, tmp_path):
+    """The YAML-level user path on a GPU: Lightning, BatchKitCallback, the `lamb` plugin; the
+    fused CUDA kernels do the steps and the model learns."""
+    from batchkit import BatchKitCallback
+    from batchkit_lamb_lars.plugin import LambPlugin
+    from lightning.pytorch import LightningModule, Trainer
+
+    calls = []
+    real_lamb = fused_cuda.lamb
+    monkeypatch.setattr(fused_cuda, "lamb", lambda *a, **k: (calls.append(a[1][0].device), real_lamb(*a, **k))[1])
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 32, generator=gen)
+    y = (x @ torch.randn(32, generator=gen) > 0).long()  # a linear teacher
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=128, shuffle=True)
+
+    class Classifier(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.ReLU(),
+                                           torch.nn.Linear(64, 2))
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.losses.append(loss.detach())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)  # the plugin swaps in LAMB with this lr
+
+    model = Classifier()
+    trainer = Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=4, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, callbacks=[BatchKitCallback([LambPlugin(weight_decay=0.01)])])
+    trainer.fit(model, loader)
+
+    opt = trainer.optimizers[0]
+    opt = getattr(opt, "optimizer", opt)
+    assert isinstance(opt, Lamb)
+    assert calls and all(d.type == "cuda" for d in calls), "the fused CUDA kernels did not run"
+    assert all(v.dtype == torch.float32 and v.is_cuda for s in opt.state.values() for v in s.values())
+    first, last = torch.stack(model.losses[:8]).mean().item(), torch.stack(model.losses[-8:]).mean().item()
+    assert last < 0.5 * first, (first, last)
