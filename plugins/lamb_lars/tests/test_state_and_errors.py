@@ -107,6 +107,32 @@ def test_mixed_devices_fail_at_construction(cls):
         opt.add_param_group({"params": [torch.zeros(2, device="meta", requires_grad=True)]})
 
 
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_state_left_behind_by_a_model_move_is_refused(cls):
+    """Moving the parameters after steps would hand the fused kernels state on another device."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = cls([p], impl="foreach", momentum=0.9) if cls is Lars else cls([p], impl="foreach")
+    p.grad = torch.ones(3)
+    opt.step()
+    # The state now sits on another device than the parameter, as after model.to(other) (CPU
+    # tensors cannot be re-pointed at another device here, so the state moves instead).
+    opt.state[p] = {k: v.to("meta") for k, v in opt.state[p].items()}
+    with pytest.raises(RuntimeError, match="moved after the optimizer took steps.*build a new optimizer"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_state_of_the_wrong_size_is_refused_on_load(cls):
+    """The fused kernels trust state sizes; a state_dict of another model must not reach them."""
+    small, large = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(5))
+    kwargs = {"momentum": 0.9} if cls is Lars else {}
+    opt = cls([small], **kwargs)
+    small.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(ValueError, match="has 3 elements for a parameter of 5.*another model"):
+        cls([large], **kwargs).load_state_dict(opt.state_dict())
+
+
 def test_max_grad_norm_zero_disables_clipping_instead_of_zeroing(h):
     """apex divides by max_grad_norm=0 and zeroes every gradient; 0 means 'off' here."""
     a, _ = h.run_steps(lambda ps: Lamb(ps, impl="foreach", max_grad_norm=0.0), steps=3)
