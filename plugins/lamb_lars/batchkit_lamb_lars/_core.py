@@ -280,6 +280,13 @@ class LayerwiseOptimizer(Optimizer):
         """
         if not max_grad_norm:
             return None
+        if self._zero_aware and any(_zero.is_stage3(self._origin_of(g)) for g in groups):
+            raise ValueError(
+                f"{type(self).__name__}(max_grad_norm={max_grad_norm}) under DeepSpeed ZeRO stage 3: "
+                "DeepSpeed steps one parameter sub-group at a time, so no global gradient norm is "
+                "visible here. Set max_grad_norm=None and clip with DeepSpeed's `gradient_clipping` "
+                "(Lightning: Trainer(gradient_clip_val=...)), which uses the true global norm."
+            )
         zero_layouts = [self._zero_layout(g) for g in groups]
         zero = any(layout is not None for layout in zero_layouts)
         if zero and len(self._all_groups) > 1:

@@ -1,4 +1,4 @@
-"""Whole-parameter norms under DeepSpeed ZeRO-1/2 (and DeepSpeed's BF16 optimizer).
+"""Whole-parameter norms under DeepSpeed ZeRO-1/2/3 (and DeepSpeed's BF16 optimizer).
 
 Those wrappers replace each ``param_group['params']`` with ONE flat fp32 shard per rank, cut
 at equal offsets regardless of tensor boundaries. A layer-wise optimizer that trusts
@@ -60,14 +60,16 @@ def is_flattened(params: Sequence[Tensor], origin: Sequence[Tensor]) -> bool:
     return {id(p) for p in params} != {id(p) for p in origin}
 
 
-def zero_layout(params: Sequence[Tensor], origin: Sequence[Tensor], owner: str) -> ZeroLayout:
-    """Build the fragment layout of a flattened group, or explain why we cannot."""
-    if any(hasattr(p, "ds_id") for p in origin):
-        raise NotImplementedError(
-            f"{owner}: DeepSpeed ZeRO stage 3 partitions every parameter and steps sub-groups; "
-            "whole-parameter trust ratios are implemented for ZeRO stages 1 and 2 only. "
-            "Use zero_optimization.stage 1 or 2 with this optimizer."
-        )
+def is_stage3(origin: Sequence[Tensor]) -> bool:
+    """ZeRO-3 marks every parameter it partitions with a ``ds_id``."""
+    return any(hasattr(p, "ds_id") for p in origin)
+
+
+def zero_layout(params: Sequence[Tensor], origin: Sequence[Tensor], owner: str) -> ZeroLayout | None:
+    """Build the fragment layout of a flattened group (None: nothing of it steps now), or
+    explain why we cannot."""
+    if is_stage3(origin):
+        return _stage3_layout(params, origin, owner)
     if len(params) != 1 or not any(hasattr(p, "_hp_mapping") for p in origin):
         raise RuntimeError(
             f"{owner}: param_groups[...]['params'] were replaced by tensors this optimizer was not "
@@ -91,3 +93,55 @@ def zero_layout(params: Sequence[Tensor], origin: Sequence[Tensor], owner: str) 
         numels.append(int(address.numel))
         index.append(i)
     return ZeroLayout(flat, starts, numels, index, len(origin), process_group)
+
+
+def _rank_in(group: object | None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _stage3_layout(params: Sequence[Tensor], origin: Sequence[Tensor], owner: str) -> ZeroLayout | None:
+    """ZeRO-3: every parameter is cut into equal per-rank partitions (``ds_tensor``, the last
+    one zero-padded) and a param group into sub-groups; DeepSpeed steps one sub-group at a time
+    with ``params = [fp32 flat of this rank's partitions]`` (the other groups empty). The flat's
+    ``ds_id`` "<first>_<last>" names the sub-group's first and last parameters; in between, its
+    trainable parameters' partitions follow each other in order. The padding at the end of the
+    last rank's partition is not zeroed in the fp32 flat: it is left out of the views, so it
+    neither enters the norms nor gets updated."""
+    if not params:
+        return None  # another sub-group is stepping
+    flat = params[0]
+    ds_id = str(getattr(flat, "ds_id", ""))
+    ids = [getattr(p, "ds_id", None) for p in origin]
+    try:
+        first, last = (int(x) for x in ds_id.split("_"))
+        members = [i for i in range(ids.index(first), ids.index(last) + 1) if origin[i].requires_grad]
+    except ValueError:
+        members = None
+    if len(params) != 1 or members is None:
+        raise RuntimeError(
+            f"{owner}: under DeepSpeed ZeRO stage 3 the optimizer was handed {len(params)} tensor(s) "
+            f"(sub-group id {ds_id!r}) that do not map onto the parameters it was built with; trust "
+            "ratios would be per shard. Build the optimizer over the model's parameters, or pass "
+            "zero_aware=False to accept shard-level ratios."
+        )
+    process_group = getattr(origin[members[0]], "ds_process_group", None) if members else None
+    rank = _rank_in(process_group)
+    starts, numels = [], []
+    offset = 0
+    for i in members:
+        part = int(origin[i].ds_tensor.ds_numel)  # every rank's partition size, padding included
+        real = max(0, min(part, int(origin[i].ds_numel) - rank * part))  # the padding is not zeroed
+        starts.append(offset)
+        numels.append(real)
+        offset += part
+    if offset != flat.numel():
+        raise RuntimeError(
+            f"{owner}: ZeRO-3 sub-group {ds_id} holds {flat.numel()} elements but its parameters' "
+            f"partitions add up to {offset}; this DeepSpeed version lays sub-groups out differently. "
+            "Use ZeRO stage 1 or 2, or zero_aware=False."
+        )
+    keep = [k for k, n in enumerate(numels) if n > 0]
+    return ZeroLayout(flat, [starts[k] for k in keep], [numels[k] for k in keep],
+                      [members[k] for k in keep], len(origin), process_group)

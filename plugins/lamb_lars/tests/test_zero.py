@@ -1,4 +1,4 @@
-"""Under DeepSpeed ZeRO-1/2 (2 CPU processes, gloo) trust ratios use whole-parameter norms:
+"""Under DeepSpeed ZeRO-1/2/3 (2 CPU processes, gloo) trust ratios use whole-parameter norms:
 20 steps equal the single-process run to 1e-5, for LAMB and LARS, and the same run with
 shard-local norms (zero_aware=False, the naive behaviour) does not.
 
@@ -21,7 +21,7 @@ pytest.importorskip("deepspeed")
 
 HERE = Path(__file__).resolve().parent
 FUSED_SCENARIOS = ["lamb_groups", "lamb_clip_one_group", "lars_groups", "lamb_stage1", "lamb_shard_local",
-                   "lars_shard_local"]
+                   "lars_shard_local", "lamb_stage3", "lars_stage3", "lamb_stage3_shard_local"]
 FOREACH_SCENARIOS = ["lamb_groups", "lars_groups"]
 
 
@@ -62,7 +62,7 @@ def test_zero_matches_single_process(deepspeed_runs, impl, scenario):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("scenario", ["lamb_shard_local", "lars_shard_local"])
+@pytest.mark.parametrize("scenario", ["lamb_shard_local", "lars_shard_local", "lamb_stage3_shard_local"])
 def test_shard_local_norms_are_caught(deepspeed_runs, scenario):
     """The bug this guards against (DeepSpeed #490) is visible at the same tolerance."""
     zero, single = deepspeed_runs[("auto", scenario)]
@@ -159,14 +159,29 @@ def test_flat_shard_layout_matches_unflattened_single_process(cls, impl):
     assert (results["naive"] - results["plain"]).abs().max() > 1e-4
 
 
-def test_zero_stage3_is_refused_clearly():
+def test_zero_stage3_clipping_inside_the_optimizer_is_refused():
+    """ZeRO-3 steps one sub-group at a time: no global gradient norm is visible to the optimizer."""
     from batchkit_lamb_lars import Lamb
 
     p = torch.nn.Parameter(torch.ones(4))
     p.ds_id = 0  # what ZeRO-3 puts on every parameter
-    opt = Lamb([p])
+    opt = Lamb([p], max_grad_norm=1.0)
     flat = torch.nn.Parameter(torch.ones(2))
     flat.grad = torch.ones(2)
     opt.param_groups[0]["params"] = [flat]
-    with pytest.raises(NotImplementedError, match="stage 3"):
+    with pytest.raises(ValueError, match="stage 3.*gradient_clipping"):
+        opt.step()
+
+
+def test_zero_stage3_unknown_layout_is_refused():
+    """A flat tensor that does not name the sub-group's parameters would get shard-level ratios."""
+    from batchkit_lamb_lars import Lamb
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.ds_id = 0
+    opt = Lamb([p])
+    flat = torch.nn.Parameter(torch.ones(2))  # no ds_id: not a ZeRO-3 sub-group flat
+    flat.grad = torch.ones(2)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="stage 3.*do not map"):
         opt.step()

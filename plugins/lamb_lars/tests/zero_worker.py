@@ -28,6 +28,9 @@ SCENARIOS = {
     "lamb_clip_one_group": ("lamb", dict(lr=2e-2, weight_decay=0.01, max_grad_norm=0.05), False, 2, True),
     "lars_groups": ("lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-4, trust_coeff=0.02), True, 2, True),
     "lamb_stage1": ("lamb", dict(lr=2e-2, weight_decay=0.01), True, 1, True),
+    "lamb_stage3": ("lamb", dict(lr=2e-2, weight_decay=0.01), True, 3, True),
+    "lars_stage3": ("lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-4, trust_coeff=0.02), True, 3, True),
+    "lamb_stage3_shard_local": ("lamb", dict(lr=2e-2, weight_decay=0.01), True, 3, False),
     "lamb_shard_local": ("lamb", dict(lr=2e-2, weight_decay=0.01), True, 2, False),
     "lars_shard_local": ("lars", dict(lr=1.0, momentum=0.9, weight_decay=1e-4, trust_coeff=0.02), True, 2, False),
 }
@@ -98,8 +101,10 @@ def _worker(rank: int, port: int, out_dir: str, scenarios: list[str], impl: str)
             loss = torch.nn.functional.mse_loss(engine(x), y)
             engine.backward(loss)
             engine.step()
-        if rank == 0:
+        # ZeRO-3 keeps only partitions on each rank: gather the whole parameters (every rank joins)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
             state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        if rank == 0:
             torch.save(state, os.path.join(out_dir, f"{scenario}.pt"))
             torch.save(single_process(scenario, impl), os.path.join(out_dir, f"{scenario}.single.pt"))
         engine.destroy()
