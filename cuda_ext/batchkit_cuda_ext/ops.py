@@ -130,9 +130,6 @@ class _Pointers:
         return self.array.buffer_info()[0]
 
 
-_ptrs = _Pointers
-
-
 def _check_lists(name_lists: dict[str, Sequence[torch.Tensor | None]], device: torch.device,
                  param_dtype: torch.dtype) -> None:
     params = name_lists["params"]
@@ -213,8 +210,8 @@ def lamb(what: int, params, grads, exp_avgs, exp_avg_sqs, steps, hyper: LambHype
     if call.is_cuda:
         keep, tail = _cuda_tail(call, device)
     fn = call.lib.bk_cuda_lamb if call.is_cuda else call.lib.bk_lamb
-    code = fn(what, call.n, call.numel, _ptrs(grads if what & 1 else params), _ptrs(params),
-              _ptrs(exp_avgs), _ptrs(exp_avg_sqs), None if stash is None else _ptrs(stash), _ptrs(steps),
+    code = fn(what, call.n, call.numel, _Pointers(grads if what & 1 else params), _Pointers(params),
+              _Pointers(exp_avgs), _Pointers(exp_avg_sqs), None if stash is None else _Pointers(stash), _Pointers(steps),
               _DTYPES[dtype], ctypes.byref(hyper),
               clip.data_ptr() if clip is not None else None, lr.data_ptr(), sq.data_ptr(), *tail)
     _raise_on(code, call, "lamb")
@@ -238,7 +235,7 @@ def lars(what: int, params, grads, momentum_buffers, steps, hyper: LarsHyper,
     if call.is_cuda:
         keep, tail = _cuda_tail(call, device)
     fn = call.lib.bk_cuda_lars if call.is_cuda else call.lib.bk_lars
-    code = fn(what, call.n, call.numel, _ptrs(grads), _ptrs(params), _ptrs(momentum_buffers),
-              _ptrs(steps), _DTYPES[dtype], ctypes.byref(hyper), lr.data_ptr(), sq.data_ptr(), *tail)
+    code = fn(what, call.n, call.numel, _Pointers(grads), _Pointers(params), _Pointers(momentum_buffers),
+              _Pointers(steps), _DTYPES[dtype], ctypes.byref(hyper), lr.data_ptr(), sq.data_ptr(), *tail)
     _raise_on(code, call, "lars")
     del keep
