@@ -236,3 +236,16 @@ def _options_parser(factory: Callable[..., object]) -> Any:
     except Exception:  # a signature jsonargparse cannot express: names are still checked above
         return None
     return parser
+
+
+def batch_spec_entry(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any] | None:
+    """The optional ``batchkit.batch_spec`` mapping of a loaded config (see :mod:`batchkit.batch`)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    section = cfg.get("batchkit") if isinstance(cfg, Mapping) else None
+    spec = section.get("batch_spec") if isinstance(section, Mapping) else None
+    if spec is not None and not isinstance(spec, Mapping):
+        raise ConfigError(
+            "batchkit: `batchkit.batch_spec` must be a mapping, e.g. {per_sample: [x, y], shared: [class_weights]}"
+        )
+    return dict(spec) if spec is not None else None

@@ -84,3 +84,25 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s, in place, and return it (every rank
+    passes a tensor of the same shape and dtype). Single-process it returns ``tensor`` untouched."""
+    if is_distributed():
+        torch_dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and single-process)."""
+    return get_rank() == 0
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous share of ``range(n)``, for splitting offline work over ranks (the
+    first ``n % world`` ranks take one more); all_gather_object the pieces back in rank order."""
+    world, rank = get_world_size(), get_rank()
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

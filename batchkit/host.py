@@ -1,66 +1,179 @@
 """The plugin host: registers plugins, orders them, checks conflicts, calls transform chains and
-notifications, times every hook call, and gathers plugin state and metrics.
+notifications, times every hook call, and gathers plugin state and metrics. It also owns what the
+plugins share: the context (:class:`BatchKitContext`), where training stands
+(:class:`TrainProgress`), the super-batch plan (:class:`SuperBatchPlan`), the learning-rate scale
+and loader-rebuild requests.
 
 The host knows nothing of Lightning; :mod:`batchkit.lightning` drives it from a Trainer.
 """
 
 from __future__ import annotations
 
-import time
+import math
 import operator
+import time
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 from typing import Callable
 from typing import Iterable
+from typing import Mapping
 
 import pluggy
 
 from batchkit import hookspecs
+from batchkit.batch import BatchSpec
 from batchkit.errors import PluginConflictError
 from batchkit.errors import PluginError
 from batchkit.plugin import Plugin
+from batchkit.plugin import kind_of
 
 
-#: Hooks whose implementations form a chain: each receives the previous one's result.
-CHAIN_HOOKS: dict[str, str] = {
-    # hook name -> the argument that carries the value along the chain
-    "batchkit_wrap_batch_sampler": "batch_sampler",
-    "batchkit_wrap_collate": "collate_fn",
-    "batchkit_transform_batch": "batch",
-    "batchkit_transform_loss": "loss",
-    "batchkit_wrap_optimizer": "optimizer",
-}
+#: Every declared hook and what its declaration says (kind, stage, carrier).
+HOOKS: dict[str, hookspecs.HookKind] = hookspecs.hook_kinds()
+#: Transform chains: hook name -> the argument that carries the value along the chain.
+CHAIN_HOOKS: dict[str, str] = {name: h.carrier for name, h in HOOKS.items() if h.kind == "chain"}  # type: ignore[misc]
 
-STAGE_OF_HOOK: dict[str, str] = {
-    "batchkit_wrap_batch_sampler": "sampler",
-    "batchkit_wrap_collate": "collator",
-    "batchkit_transform_batch": "batch",
-    "batchkit_transform_loss": "loss",
-    "batchkit_wrap_optimizer": "optimizer",
-}
+TIERS = ("tryfirst", "ordinary", "trylast")
 
 
 @dataclass
+class TrainProgress:
+    """Where training stands: the one record of it, owned by the host and saved once in checkpoints.
+
+    Counts are this rank's. ``samples_trained`` counts the samples the user's ``training_step``
+    received (after the batch stage), ``samples_loaded`` those the DataLoader produced; they differ
+    under selection. ``batch_size`` is the size of the micro-batch being trained. ``lookahead`` is
+    how many batches the DataLoader may have drawn from the sampler beyond the one being trained
+    (``num_workers * prefetch_factor`` with worker processes, else 0).
+    """
+
+    epoch: int = 0
+    #: index of the micro-batch being trained within the epoch
+    batch_idx: int = 0
+    #: micro-batches of the current epoch already trained
+    batches_done: int = 0
+    #: optimizer steps taken
+    global_step: int = 0
+    samples_trained: int = 0
+    samples_loaded: int = 0
+    batch_size: int = 0
+    lookahead: int = 0
+    #: batches the outermost sampler has yielded in the current epoch
+    yielded: int = 0
+
+    _SAVED = ("epoch", "batches_done", "global_step", "samples_trained", "samples_loaded")
+
+    def state_dict(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in self._SAVED}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        for k in self._SAVED:
+            if k in state:
+                setattr(self, k, int(state[k]))
+
+
+@dataclass(frozen=True)
+class SuperBatchPlan:
+    """How many samples a micro-batch loads and how many each super-batch plugin keeps.
+
+    Batch-stage plugins with a ``load_factor`` r > 1 ask for super-batches: the DataLoader loads
+    ``load_size`` = b * r_1 * ... * r_n samples per micro-batch (b: the user's batch size,
+    ``train_size``), and the i-th such plugin in chain order keeps ``keep_size(plugin)`` of the
+    ``input_size(plugin)`` samples it receives, so the last one hands ``train_size`` samples on.
+    """
+
+    train_size: int
+    load_size: int
+    #: plugin instance name -> (input size, kept size), in chain order
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, train_size: int, factors: list[tuple[str, float]]) -> SuperBatchPlan:
+        sizes: dict[str, tuple[int, int]] = {}
+        keep = train_size
+        for name, factor in reversed(factors):
+            load = int(round(keep * factor))
+            if load <= keep:
+                raise PluginError(
+                    f"batchkit: plugin {name!r} has load_factor={factor}, which at a batch size of {keep} loads "
+                    f"{load} samples, no more than it keeps; use a load_factor that gives at least one more sample "
+                    "(or a larger batch size)"
+                )
+            sizes[name] = (load, keep)
+            keep = load
+        return cls(train_size=train_size, load_size=keep, sizes=dict(reversed(list(sizes.items()))))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sizes)
+
+    def keep_size(self, plugin: object | str) -> int:
+        """How many samples ``plugin`` must return."""
+        return self.sizes[_name_of(plugin)][1]
+
+    def input_size(self, plugin: object | str) -> int:
+        """How many samples ``plugin`` receives."""
+        return self.sizes[_name_of(plugin)][0]
+
+
 class BatchKitContext:
     """Where training stands, handed to hooks as ``ctx``. The host updates it in place."""
 
-    trainer: Any = None
-    module: Any = None
-    stage: str = "fit"
-    epoch: int = 0
-    #: index of the current batch within the epoch (micro-batch under accumulation)
-    batch_idx: int = 0
-    #: optimizer steps taken so far
-    global_step: int = 0
-    accumulate_grad_batches: int = 1
-    #: 0-based index of the current micro-batch within its optimizer step
-    micro_step: int = 0
-    #: true when the current micro-batch ends an optimizer step
-    is_last_micro_batch: bool = True
-    rank: int = 0
-    world_size: int = 1
-    #: optimizer steps the whole run will take (``None`` if unknown)
-    total_steps: int | None = None
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.module: Any = None
+        #: Lightning's trainer function: ``"fit"``, ``"validate"``, ...
+        self.stage: str = "fit"
+        self.rank: int = 0
+        self.world_size: int = 1
+        #: where the model lives (set before ``batchkit_fit_start``)
+        self.device: Any = None
+        self.accumulate_grad_batches: int = 1
+        #: 0-based index of the current micro-batch within its optimizer step
+        self.micro_step: int = 0
+        #: true when the current micro-batch ends an optimizer step
+        self.is_last_micro_batch: bool = True
+        #: optimizer steps the whole run will take (``None`` if unknown); see batchkit_plan_total_steps
+        self.total_steps: int | None = None
+        #: the Trainer's limits and logging cadence (-1 / None when not set)
+        self.max_steps: int = -1
+        self.max_epochs: int | None = None
+        self.log_every_n_steps: int = 50
+        self.train_progress = TrainProgress()
+        #: how many samples a micro-batch loads and keeps (``None`` before the loader is built)
+        self.super_batch: SuperBatchPlan | None = None
+        #: how plugins count, select and split this run's batches
+        self.batch_spec: BatchSpec = BatchSpec()
+        #: the metadata the batch sampler attached to the batch being trained (empty for plain lists)
+        self.batch_meta: Mapping[str, Any] = {}
+
+    # The common counters are views of train_progress, so there is one record of each.
+    @property
+    def epoch(self) -> int:
+        return self.train_progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.train_progress.epoch = value
+
+    @property
+    def batch_idx(self) -> int:
+        """Index of the current micro-batch within the epoch."""
+        return self.train_progress.batch_idx
+
+    @batch_idx.setter
+    def batch_idx(self, value: int) -> None:
+        self.train_progress.batch_idx = value
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self.train_progress.global_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.train_progress.global_step = value
 
     @property
     def progress(self) -> float:
@@ -68,6 +181,10 @@ class BatchKitContext:
         if not self.total_steps:
             return 0.0
         return min(1.0, self.global_step / self.total_steps)
+
+    def __repr__(self) -> str:
+        return (f"BatchKitContext(rank={self.rank}/{self.world_size}, epoch={self.epoch}, batch_idx={self.batch_idx}, "
+                f"global_step={self.global_step}, total_steps={self.total_steps})")
 
 
 class _Impl:
@@ -78,10 +195,13 @@ class _Impl:
     passed positionally (pluggy's argnames are in signature order).
     """
 
-    __slots__ = ("plugin_name", "argnames", "call", "calls", "ns")
+    __slots__ = ("plugin_name", "plugin", "tier", "argnames", "call", "calls", "ns")
 
-    def __init__(self, plugin_name: str, function: Callable[..., Any], argnames: tuple[str, ...]) -> None:
-        self.plugin_name = plugin_name
+    def __init__(self, impl: pluggy.HookImpl) -> None:
+        function, argnames = impl.function, tuple(impl.argnames)
+        self.plugin_name: str = impl.plugin_name
+        self.plugin = impl.plugin
+        self.tier = TIERS[0] if impl.tryfirst else (TIERS[2] if impl.trylast else TIERS[1])
         self.argnames = argnames
         self.calls = 0
         self.ns = 0  # total time in this implementation
@@ -108,7 +228,10 @@ class PluginHost:
         self.ctx = BatchKitContext()
         self._plugins: dict[str, object] = {}
         self._impls: dict[str, list[_Impl]] = {}
-        self._metrics: dict[str, float] = {}
+        self._metrics: dict[str, tuple[Any, str | None]] = {}
+        self._lr_scales: dict[str, float] = {}
+        self.lr_scale = 1.0
+        self._rebuild_reasons: list[str] = []
         for plugin in plugins:
             self.register(plugin)
 
@@ -119,7 +242,7 @@ class PluginHost:
 
         Checks its hook implementations against the hook contract and raises
         :class:`~batchkit.errors.PluginError` for a misspelt hook, an argument the hook does not
-        offer, a pluggy wrapper on a chain hook, or a duplicate name.
+        offer, a pluggy wrapper or historic option on any hook, or a duplicate name.
         """
         if isinstance(plugin, type):
             raise PluginError(
@@ -127,7 +250,7 @@ class PluginHost:
                 f"register {plugin.__name__}(...) instead"
             )
         if name is None:
-            name = plugin.instance_name if isinstance(plugin, Plugin) else type(plugin).__name__.lower()
+            name = plugin.instance_name if isinstance(plugin, Plugin) else kind_of(plugin)
         if name in self._plugins:
             raise PluginError(
                 f"batchkit: a plugin named {name!r} is already registered; give the second instance "
@@ -142,11 +265,10 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(plugin)
             raise PluginError(
-                f"batchkit: plugin {name!r}: {exc}. The hooks are: {', '.join(self._hook_names())}"
+                f"batchkit: plugin {name!r}: {exc}. The hooks are: {', '.join(HOOKS)}"
             ) from None
         undecorated = [
-            h for h in self._hook_names()
-            if callable(getattr(plugin, h, None)) and self.pm.parse_hookimpl_opts(plugin, h) is None
+            h for h in HOOKS if callable(getattr(plugin, h, None)) and self.pm.parse_hookimpl_opts(plugin, h) is None
         ]
         if undecorated:
             self.pm.unregister(plugin)
@@ -154,13 +276,14 @@ class PluginHost:
                 f"batchkit: plugin {name!r} defines {undecorated} without @batchkit.hookimpl, so the "
                 "host would never call them; decorate them with @hookimpl"
             )
-        for hook_name in CHAIN_HOOKS:
+        for hook_name in HOOKS:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
                     self.pm.unregister(plugin)
                     raise PluginError(
-                        f"batchkit: plugin {name!r} declares {hook_name} as a pluggy wrapper; chain hooks "
-                        "take plain implementations (use tryfirst/trylast or the plugin's order to position it)"
+                        f"batchkit: plugin {name!r} declares {hook_name} as a pluggy wrapper; batchkit calls hook "
+                        "implementations itself and never runs wrappers. Use a plain @hookimpl, positioned with "
+                        "tryfirst/trylast or the plugin's order"
                     )
         if isinstance(plugin, Plugin):
             plugin._host = self
@@ -174,6 +297,7 @@ class PluginHost:
         self.pm.unregister(plugin)
         if isinstance(plugin, Plugin):
             plugin._host = None
+        self._lr_scales.pop(name, None)
         self._impls.clear()
 
     @property
@@ -182,24 +306,30 @@ class PluginHost:
         return dict(self._plugins)
 
     def validate(self) -> None:
-        """Refuse declared conflicts. Called by the Lightning callback at setup."""
+        """Refuse declared conflicts and plugins listed twice that do not allow it. Called by the
+        Lightning callback at setup and by ``batchkit plugins --config``."""
         names_by_kind: dict[str, list[str]] = {}
         for inst, plugin in self._plugins.items():
-            names_by_kind.setdefault(_kind(plugin), []).append(inst)
+            names_by_kind.setdefault(kind_of(plugin), []).append(inst)
+        for kind, instances in names_by_kind.items():
+            plugin = self._plugins[instances[0]]
+            if len(instances) > 1 and not getattr(plugin, "allow_multiple", False):
+                raise PluginConflictError(
+                    f"batchkit: plugin {kind!r} is listed {len(instances)} times (entries {instances}), but it can run "
+                    "only once per Trainer (its instances would act on the same batches, optimizer or state). Keep one "
+                    "entry and put all its options there."
+                )
         for inst, plugin in self._plugins.items():
             for other_kind in getattr(plugin, "conflicts", ()):
                 for other in names_by_kind.get(other_kind, []):
                     if other != inst:
                         raise PluginConflictError(
-                            f"batchkit: plugin {inst!r} ({_kind(plugin)}) declares a conflict with {other!r} "
+                            f"batchkit: plugin {inst!r} ({kind_of(plugin)}) declares a conflict with {other!r} "
                             f"({other_kind}); they cannot run together. Remove one of the two entries from "
                             "the plugin list."
                         )
 
     # -- ordering -----------------------------------------------------------------------------
-
-    def _hook_names(self) -> list[str]:
-        return [n for n in dir(hookspecs) if n.startswith("batchkit_")]
 
     def _prepared(self, hook_name: str) -> list[_Impl]:
         impls = self._impls.get(hook_name)
@@ -212,7 +342,7 @@ class PluginHost:
             tier = 0 if impl.tryfirst else (2 if impl.trylast else 1)
             return (tier, int(getattr(impl.plugin, "order", 0)), registration[impl.plugin_name])
 
-        impls = [_Impl(impl.plugin_name, impl.function, tuple(impl.argnames)) for impl in sorted(raw, key=key)]
+        impls = [_Impl(impl) for impl in sorted(raw, key=key)]
         self._impls[hook_name] = impls
         return impls
 
@@ -220,17 +350,30 @@ class PluginHost:
         """Instance names of the plugins implementing ``hook_name``, in the order they are called."""
         return [impl.plugin_name for impl in self._prepared(hook_name)]
 
+    def chain_tiers(self, hook_name: str) -> list[tuple[str, str, int]]:
+        """``(instance name, tier, order)`` for every implementation of ``hook_name``, in call order:
+        what ``batchkit plugins --config`` shows, since ``order`` never moves a plugin across tiers."""
+        return [(i.plugin_name, i.tier, int(getattr(i.plugin, "order", 0))) for i in self._prepared(hook_name)]
+
     def describe(self) -> dict[str, list[str]]:
         """Chain order for every hook some plugin implements (what ``batchkit plugins`` shows)."""
-        return {h: order for h in self._hook_names() if (order := self.chain_order(h))}
+        return {h: order for h in HOOKS if (order := self.chain_order(h))}
+
+    def implementers(self, hook_name: str) -> list[object]:
+        """The plugin objects implementing ``hook_name``, in call order."""
+        return [impl.plugin for impl in self._prepared(hook_name)]
 
     # -- calling ------------------------------------------------------------------------------
 
     def has_impls(self, hook_name: str) -> bool:
         return bool(self._prepared(hook_name))
 
-    def chain(self, hook_name: str, value: Any, **kwargs: Any) -> Any:
-        """Run the transform chain ``hook_name`` starting from ``value``; return the final value."""
+    def chain(self, hook_name: str, value: Any, after: Callable[[str, Any], None] | None = None, **kwargs: Any) -> Any:
+        """Run the transform chain ``hook_name`` starting from ``value``; return the final value.
+
+        ``after(plugin_name, value)``, if given, is called after each implementation with the value
+        so far (the host checks super-batch sizes this way).
+        """
         carrier = CHAIN_HOOKS[hook_name]
         impls = self._impls.get(hook_name)
         for impl in impls if impls is not None else self._prepared(hook_name):
@@ -245,6 +388,8 @@ class PluginHost:
             impl.calls += 1
             if result is not None:
                 value = result
+            if after is not None:
+                after(impl.plugin_name, value)
         return value
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
@@ -259,6 +404,44 @@ class PluginHost:
                 raise
             impl.ns += time.perf_counter_ns() - start
             impl.calls += 1
+
+    # -- super-batches ------------------------------------------------------------------------
+
+    def super_batch_plan(self, train_size: int) -> SuperBatchPlan:
+        """The plan for a user batch size of ``train_size``: the load factors of the batch-stage
+        plugins, multiplied in chain order (see :class:`SuperBatchPlan`)."""
+        factors = []
+        for impl in self._prepared("batchkit_transform_batch"):
+            factor = getattr(impl.plugin, "load_factor", None)
+            if factor is None or factor == 1:
+                continue
+            if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+                raise PluginError(
+                    f"batchkit: plugin {impl.plugin_name!r} has load_factor={factor!r}; it must be a number > 1 "
+                    "(samples loaded per sample kept), or None / 1 for no super-batch"
+                )
+            factors.append((impl.plugin_name, float(factor)))
+        return SuperBatchPlan.build(train_size, factors)
+
+    # -- learning-rate scale and loader rebuilds ----------------------------------------------
+
+    def set_lr_scale(self, plugin: object | str, scale: float) -> None:
+        """Ask for every parameter group's learning rate to be multiplied by ``scale`` during each
+        optimizer step from now on (1 to stop). Scales of several plugins multiply. The host applies
+        it around ``optimizer.step()`` only, so LR schedulers keep their own values."""
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise PluginError(f"batchkit: plugin {_name_of(plugin)!r} asked for an lr scale of {scale!r}; it must be a number > 0")
+        self._lr_scales[_name_of(plugin)] = float(scale)
+        self.lr_scale = math.prod(self._lr_scales.values())
+
+    def request_loader_rebuild(self, reason: str) -> None:
+        """Ask for the train DataLoader to be rebuilt before the next epoch (the sampler and collate
+        chains run again); ``reason`` is logged."""
+        self._rebuild_reasons.append(reason)
+
+    def pop_rebuild_request(self) -> list[str]:
+        reasons, self._rebuild_reasons = self._rebuild_reasons, []
+        return reasons
 
     # -- timing -------------------------------------------------------------------------------
 
@@ -291,11 +474,15 @@ class PluginHost:
 
     # -- metrics ------------------------------------------------------------------------------
 
-    def log(self, key: str, value: float) -> None:
-        """Buffer a metric; :meth:`pop_metrics` hands them to the logger."""
-        self._metrics[key] = float(value)
+    def log(self, key: str, value: Any, reduce: str | None = None) -> None:
+        """Buffer a metric; :meth:`pop_metrics` hands them to the logger. ``reduce`` (``"mean"``,
+        ``"sum"``, ``"max"``, ``"min"``) says how the ranks' values combine; ``None`` keeps each
+        rank's own."""
+        if reduce not in (None, "mean", "sum", "max", "min"):
+            raise PluginError(f"batchkit: metric {key!r}: reduce must be None, 'mean', 'sum', 'max' or 'min', got {reduce!r}")
+        self._metrics[key] = (value, reduce)
 
-    def pop_metrics(self) -> dict[str, float]:
+    def pop_metrics(self) -> dict[str, tuple[Any, str | None]]:
         if not self._metrics:
             return {}
         metrics, self._metrics = self._metrics, {}
@@ -323,11 +510,17 @@ class PluginHost:
                 f"{missing}). Resume with the same plugin list the checkpoint was saved with."
             )
         for name, impl in stateful.items():
-            impl.call({"state": state[name]})
+            try:
+                impl.call({"state": state[name]})
+            except Exception as exc:
+                _add_note(exc, f"batchkit: raised by plugin {name!r} while loading its state from the checkpoint")
+                raise
 
 
-def _kind(plugin: object) -> str:
-    return getattr(plugin, "name", "") or type(plugin).__name__.lower()
+def _name_of(plugin: object | str) -> str:
+    if isinstance(plugin, str):
+        return plugin
+    return plugin.instance_name if isinstance(plugin, Plugin) else kind_of(plugin)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

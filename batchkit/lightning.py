@@ -12,8 +12,16 @@ Where Lightning has no public way to do what a stage needs, this module says so 
   replacement optimizer exists before the strategy (and DeepSpeed) takes it.
 * **sampler and collator stages**: ``train_dataloader`` is wrapped on the module or DataModule
   instance. Loaders passed straight to ``trainer.fit(train_dataloaders=...)`` live only in the
-  private ``trainer.fit_loop._data_source``; there is no public alternative, so that one attribute is
-  used and covered by a test.
+  private ``trainer.fit_loop._data_source``; there is no public alternative.
+
+Every private or implicit Lightning behaviour batchkit relies on is in :mod:`batchkit._compat`, one
+function each, with a contract test.
+
+When the hooks run in a fit: ``batchkit_setup`` (Callback.setup; the model is not on its device
+yet), the optimizer chain (when the strategy builds the optimizers), then, once the fit loop asks for
+the train loader, ``batchkit_prepare_data`` and the collate and sampler chains, then
+``batchkit_fit_start`` (Callback.on_train_start: model on its device, optimizers built, checkpoint
+state restored under every strategy), then the epochs.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
+from batchkit import _compat
+from batchkit.batch import BatchSpec
+from batchkit.cache import ArtifactCache
+from batchkit.config import batch_spec_entry
 from batchkit.config import build_plugins
 from batchkit.config import load_config
 from batchkit.config import plugin_entries
@@ -43,16 +55,10 @@ from batchkit.data import BatchKitDataLoader
 from batchkit.data import build_train_loader
 from batchkit.errors import PluginError
 from batchkit.host import PluginHost
+from batchkit.host import TrainProgress
 
 
 _NO_ATTRIBUTE = object()
-
-
-class _EpochProgress:
-    """Where the training loop is within the epoch; saved with the train DataLoader's state."""
-
-    epoch = 0
-    batches_done = 0
 
 
 class BatchKitCallback(Callback):
@@ -61,32 +67,55 @@ class BatchKitCallback(Callback):
     :param plugins: plugin instances, or a mapping of named YAML-style entries
         (``{"mix": {"plugin": "mixup", "alpha": 0.2}}``).
     :param print_summary: print per-plugin hook overhead at the end of ``fit`` (rank 0).
+    :param batch_spec: how plugins count and select the samples of a batch
+        (:class:`batchkit.batch.BatchSpec`, or its YAML form ``{per_sample: [...], shared: [...]}``);
+        needed only for batches whose per-sample fields the default rules cannot tell.
+    :param cache_dir: where prepare-data artefacts are kept (default: ``$BATCHKIT_CACHE_DIR`` or
+        ``~/.cache/batchkit``).
     """
 
-    def __init__(self, plugins: Sequence[object] | Mapping[str, Any] | None = None, print_summary: bool = False) -> None:
+    def __init__(
+        self,
+        plugins: Sequence[object] | Mapping[str, Any] | None = None,
+        print_summary: bool = False,
+        batch_spec: BatchSpec | Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(plugins, Mapping):
             plugins = build_plugins(plugins)
         self.host = PluginHost(plugins or ())
+        self.host.ctx.batch_spec = BatchSpec.from_config(batch_spec)
+        self.cache = ArtifactCache(cache_dir)
         self.print_summary = print_summary
-        self._progress = _EpochProgress()
         self._patched: list[tuple[object, str, Any]] = []  # (owner, name, instance attribute it replaced)
         self._loaders: list[BatchKitDataLoader] = []
+        self._prepared: set[int] = set()  # datasets whose prepare-data hooks ran in this fit
         self._resumed = False  # state came from a checkpoint; cleared after the first batch
+        self._reload_setting: int | None = None  # Trainer setting to put back after a requested rebuild
+        self._optimizer_hooks: list[Any] = []
         self._fit_started: float | None = None
         self.fit_seconds: float | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None, **kwargs: Any) -> BatchKitCallback:
-        """Build the callback from the ``batchkit.plugins`` section of a YAML file.
+        """Build the callback from the ``batchkit`` section of a YAML file (``plugins`` and the
+        optional ``batch_spec``).
 
         :param overrides: OmegaConf dotlist overrides, e.g. ``["batchkit.plugins.mix.alpha=0.5"]``.
         """
-        return cls(plugin_entries(load_config(path, overrides)), **kwargs)
+        cfg = load_config(path, overrides)
+        kwargs.setdefault("batch_spec", batch_spec_entry(cfg))
+        return cls(plugin_entries(cfg), **kwargs)
 
     @property
     def state_key(self) -> str:
         return "BatchKitCallback"
+
+    @property
+    def progress(self) -> TrainProgress:
+        """Where training stands (the host's one record of it)."""
+        return self.host.ctx.train_progress
 
     # -- setup and teardown -------------------------------------------------------------------
 
@@ -100,20 +129,35 @@ class BatchKitCallback(Callback):
         ctx.trainer, ctx.module, ctx.stage = trainer, pl_module, stage
         ctx.rank, ctx.world_size = trainer.global_rank, trainer.world_size
         ctx.accumulate_grad_batches = trainer.accumulate_grad_batches
+        ctx.max_steps, ctx.max_epochs = trainer.max_steps, trainer.max_epochs
+        ctx.log_every_n_steps = trainer.log_every_n_steps
+        if stage == "fit" and not pl_module.automatic_optimization and self.host.has_impls("batchkit_transform_loss"):
+            raise PluginError(
+                f"batchkit: loss-stage plugins {self.host.chain_order('batchkit_transform_loss')} change the loss that "
+                f"Lightning back-propagates, but {type(pl_module).__name__} uses manual optimization "
+                "(automatic_optimization = False) and calls backward itself, so they would have no effect. Use "
+                "automatic optimization, or remove these plugins."
+            )
         # Plugins check the module first, so a missing protocol fails before anything is patched.
         self.host.notify("batchkit_setup", host=self.host, trainer=trainer, module=pl_module, stage=stage)
         if stage == "fit":
+            self._prepared = set()
             self._patch_training_step(pl_module)
             self._patch_configure_optimizers(pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._unpatch()
+        self._remove_optimizer_hooks()
+        if self._reload_setting is not None:
+            _compat.restore_reload_setting(trainer, self._reload_setting)
+            self._reload_setting = None
         if stage == "fit":
             self.host.notify("batchkit_teardown", ctx=self.host.ctx)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning calls teardown after this too; unpatch now so a retry in the same process starts clean.
         self._unpatch()
+        self._remove_optimizer_hooks()
 
     def _unpatch(self) -> None:
         for owner, name, previous in reversed(self._patched):
@@ -134,16 +178,17 @@ class BatchKitCallback(Callback):
         self._loaders = []  # a reload replaces the previous loaders
 
         def wrap(loader: DataLoader) -> DataLoader:
-            new = build_train_loader(loader, self.host, progress=self._progress)
+            new = build_train_loader(loader, self.host, progress=self.progress, prepared=self._prepared, cache=self.cache)
             if isinstance(new, BatchKitDataLoader):
+                if self._resumed:
+                    new.resumable.resume_at(self.progress.epoch, self.progress.batches_done)
                 self._loaders.append(new)
             return new
 
         return apply_to_collection(loaders, DataLoader, wrap)
 
     def _patch_train_dataloader(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Private: the only place Lightning keeps loaders given to fit(); see the module docstring.
-        source = trainer.fit_loop._data_source
+        source = _compat.train_data_source(trainer)
         instance = source.instance
         if isinstance(instance, (LightningModule, LightningDataModule)):
             original = instance.train_dataloader
@@ -159,17 +204,39 @@ class BatchKitCallback(Callback):
 
     def _patch_training_step(self, pl_module: LightningModule) -> None:
         host = self.host
-        if not (host.has_impls("batchkit_transform_batch") or host.has_impls("batchkit_transform_loss")):
-            return
         original = pl_module.training_step
         ctx = host.ctx
+        progress = ctx.train_progress
         # Fixed for the whole fit: plugins are registered before it starts.
         has_batch = host.has_impls("batchkit_transform_batch")
+        has_before_forward = host.has_impls("batchkit_before_forward")
         has_loss = host.has_impls("batchkit_transform_loss")
 
+        def check_size(plugin: str, batch: Any) -> None:
+            plan = ctx.super_batch
+            if plan is None or plugin not in plan.sizes:
+                return
+            expected, got = plan.keep_size(plugin), ctx.batch_spec.num_samples(batch)
+            if got != expected:
+                raise PluginError(
+                    f"batchkit: plugin {plugin!r} selects from super-batches of {plan.input_size(plugin)} samples and "
+                    f"must return {expected} (ctx.super_batch.keep_size), but returned {got} on rank {ctx.rank}"
+                )
+
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            loaded = count_samples(batch, ctx.batch_spec)
             if has_batch:
-                batch = host.chain("batchkit_transform_batch", batch, module=pl_module, ctx=ctx)
+                plan = ctx.super_batch
+                batch = host.chain("batchkit_transform_batch", batch, after=check_size if plan is not None and plan.active else None,
+                                   module=pl_module, ctx=ctx)
+                trained = count_samples(batch, ctx.batch_spec)
+            else:
+                trained = loaded
+            progress.samples_loaded += loaded
+            progress.samples_trained += trained
+            progress.batch_size = trained
+            if has_before_forward:
+                host.notify("batchkit_before_forward", batch=batch, module=pl_module, ctx=ctx)
             outputs = original(batch, *args, **kwargs)
             if not has_loss or outputs is None:
                 return outputs
@@ -193,35 +260,76 @@ class BatchKitCallback(Callback):
 
         self._patch(pl_module, "configure_optimizers", configure_optimizers)
 
+    def _install_lr_scale(self, trainer: Trainer) -> None:
+        """Scale every group's lr by ``host.lr_scale`` for the duration of each ``step()`` only,
+        through the optimizer's public step hooks (they fire under DDP and inside DeepSpeed's ZeRO
+        optimizers alike, and LR schedulers, which run after the step, never see the scaled value)."""
+        host = self.host
+        for optimizer in _compat.torch_optimizers(trainer):
+            saved: list[list[Any]] = []
+
+            def scale(opt: torch.optim.Optimizer, args: Any, kwargs: Any, saved: list = saved) -> None:
+                factor = host.lr_scale
+                if factor != 1.0:
+                    saved.append([group["lr"] for group in opt.param_groups])
+                    for group in opt.param_groups:
+                        group["lr"] = group["lr"] * factor
+
+            def unscale(opt: torch.optim.Optimizer, args: Any, kwargs: Any, saved: list = saved) -> None:
+                if saved:
+                    for group, lr in zip(opt.param_groups, saved.pop()):
+                        group["lr"] = lr
+
+            self._optimizer_hooks += [optimizer.register_step_pre_hook(scale), optimizer.register_step_post_hook(unscale)]
+
+    def _remove_optimizer_hooks(self) -> None:
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
+
     # -- per epoch and per batch --------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
-        # Here, not in setup: plugin state is restored from a checkpoint between the two, and the
-        # sampler chain must be built from the restored state.
+        self.host.ctx.device = pl_module.device
+        self._remove_optimizer_hooks()
+        self._install_lr_scale(trainer)
+        # Here, not in setup: plugin state is restored from a checkpoint (under DeepSpeed only after
+        # this hook, but still before the loader is built), and the sampler chain must be built
+        # from the restored state.
         self._patch_train_dataloader(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ctx = self.host.ctx
-        total = trainer.estimated_stepping_batches
-        ctx.total_steps = int(total) if total != float("inf") else None
         if not self._resumed:
             ctx.global_step = trainer.global_step
         # A resume in the middle of an epoch skips on_train_epoch_start: take the epoch from here.
-        ctx.epoch = self._progress.epoch = trainer.current_epoch
+        ctx.epoch = trainer.current_epoch
+        self._plan_total_steps(trainer)
+        self.host.notify("batchkit_fit_start", module=pl_module, ctx=ctx)
+
+    def _plan_total_steps(self, trainer: Trainer) -> None:
+        total = trainer.estimated_stepping_batches
+        estimate = int(total) if total != float("inf") else None
+        self.host.ctx.total_steps = self.host.chain("batchkit_plan_total_steps", estimate, ctx=self.host.ctx)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ctx = self.host.ctx
+        if self._reload_setting is not None:  # the rebuild a plugin asked for has happened
+            _compat.restore_reload_setting(trainer, self._reload_setting)
+            self._reload_setting = None
+            self._plan_total_steps(trainer)
         ctx.epoch = trainer.current_epoch
-        self._progress.epoch = ctx.epoch
-        self._progress.batches_done = 0
+        self.progress.batches_done = 0
         self.host.notify("batchkit_epoch_start", epoch=ctx.epoch, ctx=ctx)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
         ctx.batch_idx = batch_idx
-        ctx.is_last_micro_batch = _ends_optimizer_step(trainer, batch_idx)
+        ctx.is_last_micro_batch = _compat.ends_optimizer_step(trainer, batch_idx)
         ctx.micro_step = batch_idx % ctx.accumulate_grad_batches
+        if len(self._loaders) == 1:
+            ctx.batch_meta = self._loaders[0].resumable.pop_meta()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Under DeepSpeed Lightning calls this on every micro-batch; pass on only real steps.
@@ -230,7 +338,7 @@ class BatchKitCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
-        self._progress.batches_done = batch_idx + 1
+        self.progress.batches_done = batch_idx + 1
         if self._resumed:  # the first batch after a resume: the skip is spent
             for loader in self._loaders:
                 loader.resumable.clear_resume()
@@ -243,13 +351,17 @@ class BatchKitCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)
         self._flush_metrics(pl_module, per_step=False)
+        reasons = self.host.pop_rebuild_request()
+        if reasons and self._reload_setting is None:
+            self._reload_setting = _compat.reload_train_loader_before_next_epoch(trainer)
 
     def _flush_metrics(self, pl_module: LightningModule, per_step: bool) -> None:
         """Hand plugin metrics to the Trainer's loggers (all of them: CSV, wandb, ...)."""
         metrics = self.host.pop_metrics()
-        if metrics:
-            pl_module.log_dict(
-                {f"batchkit/{k}": v for k, v in metrics.items()}, on_step=per_step, on_epoch=not per_step
+        for key, (value, reduce) in metrics.items():
+            pl_module.log(
+                f"batchkit/{key}", value, on_step=per_step, on_epoch=not per_step,
+                sync_dist=reduce is not None, reduce_fx=reduce or "mean",
             )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -267,22 +379,32 @@ class BatchKitCallback(Callback):
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plugins": self.host.state_dict(), "global_step": self.host.ctx.global_step}
+        return {"plugins": self.host.state_dict(), "progress": self.progress.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed = True
         self.host.load_state_dict(state_dict.get("plugins", {}))
-        self.host.ctx.global_step = int(state_dict.get("global_step", 0))
+        self.progress.load_state_dict(state_dict.get("progress", {}))
 
 
-def _ends_optimizer_step(trainer: Trainer, batch_idx: int) -> bool:
-    """Whether the optimizer steps after this micro-batch."""
-    strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy):
-        # DeepSpeed counts micro-steps over the whole run, not per epoch: ask the engine.
-        return bool(strategy.deepspeed_engine.is_gradient_accumulation_boundary())
-    accumulate = trainer.accumulate_grad_batches
-    return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == trainer.num_training_batches
+def count_samples(batch: Any, spec: BatchSpec) -> int:
+    """The batch's number of samples for the progress counters (0 when the batch does not say: only
+    plugins that select need an unambiguous count, and they ask the spec themselves)."""
+    if not spec.per_sample and not spec.shared and spec.size_field is None:
+        # the common case, without walking the batch: a tensor, or a container of same-length tensors
+        items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else (batch,)
+        n = -1
+        for item in items:
+            if not isinstance(item, torch.Tensor) or item.dim() == 0 or (n >= 0 and item.shape[0] != n):
+                break
+            n = item.shape[0]
+        else:
+            if n >= 0:
+                return int(n)
+    try:
+        return spec.num_samples(batch)
+    except PluginError:
+        return 0
 
 
 def _replace_optimizers(config: Any, host: PluginHost, module: LightningModule) -> Any:

@@ -11,18 +11,22 @@ import re
 from pathlib import Path
 
 from batchkit import hookspecs
-from batchkit.host import CHAIN_HOOKS
-from batchkit.host import STAGE_OF_HOOK
+from batchkit.host import HOOKS
 
 SECTIONS = [
-    ("Lifecycle", ["batchkit_setup", "batchkit_epoch_start", "batchkit_epoch_end", "batchkit_before_optimizer_step", "batchkit_step_end", "batchkit_teardown"]),
-    ("Stage 1: sampler", ["batchkit_wrap_batch_sampler"]),
-    ("Stage 2: collator", ["batchkit_wrap_collate"]),
-    ("Stage 3: batch", ["batchkit_transform_batch"]),
-    ("Stage 4: loss", ["batchkit_transform_loss"]),
-    ("Stage 5: optimizer", ["batchkit_wrap_optimizer"]),
-    ("State", ["batchkit_state_dict", "batchkit_load_state_dict"]),
+    ("Lifecycle", "lifecycle"),
+    ("Stage 1: sampler", "sampler"),
+    ("Stage 2: collator", "collator"),
+    ("Stage 3: batch", "batch"),
+    ("Stage 4: loss", "loss"),
+    ("Stage 5: optimizer", "optimizer"),
+    ("State", "state"),
 ]
+KIND_TEXT = {
+    "chain": "Transform chain: each implementation receives the previous one's result in `{carrier}`; `None` keeps it.",
+    "notification": "Notification: every implementation is called, in chain order; return values are ignored.",
+    "per_plugin": "Per plugin: the host calls each plugin's implementation on its own.",
+}
 
 
 def _rst_to_md(text: str) -> str:
@@ -44,16 +48,20 @@ def render() -> str:
         "| hook | stage | kind |",
         "|---|---|---|",
     ]
-    for _, names in SECTIONS:
-        for name in names:
-            kind = "chain" if name in CHAIN_HOOKS else ("per plugin" if "state_dict" in name else "notification")
-            out.append(f"| `{name}` | {STAGE_OF_HOOK.get(name, 'lifecycle' if kind == 'notification' else 'state')} | {kind} |")
-    for title, names in SECTIONS:
+    for _, stage in SECTIONS:
+        for hook in HOOKS.values():
+            if hook.stage == stage:
+                carrier = f" (carries `{hook.carrier}`)" if hook.carrier else ""
+                out.append(f"| `{hook.name}` | {stage} | {hook.kind.replace('_', ' ')}{carrier} |")
+    for title, stage in SECTIONS:
         out += ["", f"## {title}"]
-        for name in names:
-            fn = getattr(hookspecs, name)
+        for hook in HOOKS.values():
+            if hook.stage != stage:
+                continue
+            fn = getattr(hookspecs, hook.name)
             sig = str(inspect.signature(fn)).replace("'", "")
-            out += ["", f"### `{name}{sig}`", "", _rst_to_md(inspect.cleandoc(fn.__doc__ or ""))]
+            kind = KIND_TEXT[hook.kind].format(carrier=hook.carrier)
+            out += ["", f"### `{hook.name}{sig}`", "", _rst_to_md(inspect.cleandoc(fn.__doc__ or "")), "", f"*{kind}*"]
     return "\n".join(out) + "\n"
 
 

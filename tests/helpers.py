@@ -63,6 +63,7 @@ class RecordingPlugin(Plugin):
     which order (into ``events``; a shared ``journal`` list records the order across plugins)."""
 
     name = "recorder"
+    allow_multiple = True
 
     def __init__(self, tag: str = "recorder", journal: list | None = None, order: int = 0) -> None:
         self.tag = tag

@@ -217,7 +217,7 @@ def test_plugin_metrics_are_buffered_under_the_instance_name() -> None:
     host = PluginHost()
     p = host.register(Append("a"), name="aug")
     p.log("ratio", 0.5)
-    assert host.pop_metrics() == {"aug/ratio": 0.5}
+    assert host.pop_metrics() == {"aug/ratio": (0.5, None)}
     assert host.pop_metrics() == {}
 
 

@@ -88,7 +88,7 @@ class SmallCNN(pl.LightningModule):
 
     def per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of every sample, unreduced: the per-sample loss protocol that selective backprop
-        uses to rank samples (see ``batchkit_hard_samples.protocol``)."""
+        uses to rank samples (see :mod:`batchkit.batch`)."""
         x, y = batch
         return F.cross_entropy(self(x), y, reduction="none")
 

@@ -7,7 +7,7 @@
   with a no-grad forward and back-propagate only a ``keep`` fraction, chosen by rank-based
   probabilities or top-k (Jiang et al. 2019; Composer's SelectiveBackprop).
 
-Both read losses through the per-sample loss protocol of :mod:`batchkit_hard_samples.protocol`.
+Both use the host's batch module (:mod:`batchkit.batch`): the per-sample loss protocol, the scoring pass and selection.
 """
 
 from batchkit_hard_samples.hard_batches import HardBatchSampler

@@ -48,6 +48,7 @@ import zlib
 from array import array
 from typing import Any
 from typing import Iterator
+from typing import Optional
 
 import torch
 
@@ -55,6 +56,7 @@ from batchkit import Plugin
 from batchkit import PluginError
 from batchkit import dist
 from batchkit import hookimpl
+from batchkit.data import BatchSamplerWrapper
 
 
 __all__ = ["HardBatchSelection", "HardBatchSampler", "top_delta_batches"]
@@ -73,9 +75,7 @@ def top_delta_batches(losses: torch.Tensor | list[float], k: int) -> list[int]:
 def _fixed_partition(batch_sampler: Any) -> list[list[int]]:
     """The batches the wrapped sampler gives at epoch 0: the fixed partition, every epoch."""
     set_epoch = getattr(batch_sampler, "set_epoch", None)
-    if not callable(set_epoch):
-        set_epoch = getattr(getattr(batch_sampler, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
+    if callable(set_epoch):  # the host's samplers and BatchSamplerWrapper all take set_epoch
         set_epoch(0)
     return [[int(i) for i in batch] for batch in batch_sampler]
 
@@ -88,21 +88,14 @@ def _checksum(partition: list[list[int]]) -> int:
     return zlib.crc32(flat.tobytes())
 
 
-class HardBatchSampler:
+class HardBatchSampler(BatchSamplerWrapper):
     """The batch sampler hard-batch selection puts in the chain: yields, for the epoch it was last
     given by ``set_epoch``, the index lists of the M positions of that epoch. All state lives in the
     plugin, so a rebuilt loader (``reload_dataloaders_every_n_epochs``) carries on unchanged."""
 
     def __init__(self, plugin: HardBatchSelection, inner: Any) -> None:
+        super().__init__(inner)
         self.plugin = plugin
-        self.inner = inner
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        set_epoch = getattr(self.inner, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.plugin.num_batches
@@ -116,26 +109,29 @@ class HardBatchSelection(Plugin):
 
     :param delta: fraction of the M mini-batches trained per round (the paper's δ), in (0, 1].
         ``delta=1`` trains every mini-batch every round: plain training over the fixed partition.
-    :param lookahead: how many batches the DataLoader may draw ahead of training (0 with
-        ``num_workers=0``; ``num_workers * prefetch_factor`` otherwise). A round's choice ignores
-        the losses of its last ``lookahead`` positions.
+    :param lookahead: how many batches the DataLoader may draw ahead of training; a round's choice
+        ignores the losses of its last ``lookahead`` positions. Default: the host's
+        ``ctx.train_progress.lookahead`` (0 with ``num_workers=0``, ``num_workers * prefetch_factor``
+        otherwise), recorded in the checkpoint; set it only to keep a larger margin.
     """
 
     name = "hard_batches"
 
-    def __init__(self, delta: float = 0.5, lookahead: int = 0) -> None:
+    def __init__(self, delta: float = 0.5, lookahead: Optional[int] = None) -> None:
         if not 0.0 < delta <= 1.0:
             raise ValueError(
                 f"hard_batches: delta must be in (0, 1], got {delta}; it is the fraction of mini-batches "
                 "trained per round (the paper's δ), e.g. delta: 0.5"
             )
-        if lookahead < 0:
+        if lookahead is not None and lookahead < 0:
             raise ValueError(
                 f"hard_batches: lookahead must be >= 0, got {lookahead}; use 0 with num_workers=0, "
                 "or num_workers * prefetch_factor"
             )
         self.delta = float(delta)
-        self.lookahead = int(lookahead)
+        #: the option as given (None: follow the loader)
+        self.lookahead_option = lookahead
+        self.lookahead = 0 if lookahead is None else int(lookahead)
         self._reset()
 
     def _reset(self) -> None:
@@ -158,6 +154,7 @@ class HardBatchSelection(Plugin):
         self._pending_ids: list[int] = []
         self._pending_vals: list[torch.Tensor] = []
         self._restored_rows: torch.Tensor | None = None  # [world, n] pending values from a checkpoint
+        self._restored_lookahead = False
         self._device = torch.device("cpu")
         self._sampler: HardBatchSampler | None = None
         self._iter_epoch = 0
@@ -211,7 +208,9 @@ class HardBatchSelection(Plugin):
                 "batch size, number of processes and seed, or start a fresh run."
             )
         self._partition = partition
-        self._device = getattr(ctx.module, "device", None) or torch.device("cpu")
+        if self.lookahead_option is None and not self._restored_lookahead:
+            self.lookahead = int(ctx.train_progress.lookahead)
+        self._device = ctx.device or torch.device("cpu")
         if self._restored_rows is not None:  # this rank's pending losses from the checkpoint
             rows = self._restored_rows
             self._pending_vals = list(rows[ctx.rank].to(torch.float32).unbind(0)) if rows.numel() else []
@@ -294,8 +293,9 @@ class HardBatchSelection(Plugin):
                 )
             raise PluginError(
                 f"hard_batches: the DataLoader draws {ahead} batches ahead of training but lookahead="
-                f"{self.lookahead}; set the option lookahead: {ahead} (num_workers * prefetch_factor) so that "
-                "rounds are chosen from the same losses in every run and after a resume"
+                f"{self.lookahead}; set the option lookahead: {ahead} (or leave it unset to follow the loader's "
+                "num_workers * prefetch_factor) so that rounds are chosen from the same losses in every run and "
+                "after a resume"
             )
         self._pending_pos.append(position)
         self._pending_ids.append(self._batch_at(position))
@@ -349,13 +349,21 @@ class HardBatchSelection(Plugin):
         self._reset()
         if state.get("fresh"):
             return
-        for option in ("delta", "lookahead"):
-            if state[option] != getattr(self, option):
-                raise PluginError(
-                    f"hard_batches: the checkpoint was saved with {option}={state[option]}, this run has "
-                    f"{option}={getattr(self, option)}; a different value changes the rounds already chosen. "
-                    f"Resume with {option}: {state[option]}."
-                )
+        if state["delta"] != self.delta:
+            raise PluginError(
+                f"hard_batches: the checkpoint was saved with delta={state['delta']}, this run has "
+                f"delta={self.delta}; a different value changes the rounds already chosen. "
+                f"Resume with delta: {state['delta']}."
+            )
+        if self.lookahead_option is not None and state["lookahead"] != self.lookahead_option:
+            raise PluginError(
+                f"hard_batches: the checkpoint was saved with lookahead={state['lookahead']}, this run has "
+                f"lookahead={self.lookahead_option}; a different value changes the rounds already chosen. "
+                f"Resume with lookahead: {state['lookahead']} (or leave it unset)."
+            )
+        # The rounds already chosen used this margin: keep it, whatever the resumed loader's lookahead.
+        self.lookahead = int(state["lookahead"])
+        self._restored_lookahead = True
         self.num_batches = int(state["num_batches"])
         self.round_size = int(state["round_size"])
         self._partition_crc = [int(c) for c in state["partition_crc"]]

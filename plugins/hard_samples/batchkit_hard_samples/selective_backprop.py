@@ -17,11 +17,13 @@ to the normal forward and backward::
 The kept samples keep their order in the batch. Every rank keeps the same n (its batch has the same
 N), so shapes stay consistent under DDP and DeepSpeed.
 
-**BatchNorm and dropout.** The scoring forward must not train anything. ``scoring="eval"`` (default)
-runs it with every submodule in eval mode (BatchNorm uses its running statistics, dropout is off)
-and gives each submodule back its own training flag afterwards. ``scoring="train"`` scores in the
-module's current mode, as Composer does, but saves every BatchNorm running mean, variance and
-batch counter first and puts them back afterwards, so the running statistics are untouched.
+**BatchNorm and dropout.** The scoring forward must not train anything: it runs in the host's
+:func:`batchkit.batch.scoring_pass`. ``scoring="eval"`` (default) runs it with every submodule in
+eval mode (BatchNorm uses its running statistics, dropout is off) and gives each submodule back its
+own training flag afterwards. ``scoring="train"`` scores in the module's current mode, as Composer
+does, but saves every BatchNorm running mean, variance and batch counter first and puts them back
+afterwards, so the running statistics are untouched. The batch is counted and selected with the
+run's :class:`batchkit.batch.BatchSpec` (``ctx.batch_spec``).
 
 **Randomness.** The draw for a batch comes from a generator seeded with (seed, rank, global step,
 batch index): nothing to checkpoint, and a resumed run draws exactly what the uninterrupted one did.
@@ -29,22 +31,18 @@ batch index): nothing to checkpoint, and a resumed run draws exactly what the un
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
-from typing import Iterator
 from typing import Literal
 
 import torch
-from torch import nn
 
 from batchkit import Plugin
 from batchkit import PluginError
 from batchkit import hookimpl
-from batchkit_hard_samples.protocol import DEFAULT_LOSS_METHOD
-from batchkit_hard_samples.protocol import batch_size_of
-from batchkit_hard_samples.protocol import check_per_sample_losses
-from batchkit_hard_samples.protocol import resolve_loss_method
-from batchkit_hard_samples.protocol import select_samples
+from batchkit.batch import DEFAULT_LOSS_METHOD
+from batchkit.batch import per_sample_losses
+from batchkit.batch import resolve_loss_method
+from batchkit.batch import scoring_pass
 
 
 __all__ = ["SelectiveBackprop", "rank_probabilities", "should_select"]
@@ -70,34 +68,6 @@ def _mix(*values: int) -> int:
         state = (state ^ (state >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         state ^= state >> 31
     return state & 0x7FFFFFFFFFFFFFFF
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode; each one's own training flag restored on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-@contextlib.contextmanager
-def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
-    """Forward in the current mode, then put back every BatchNorm running statistic."""
-    saved = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            saved.append((m, [None if b is None else b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)]))
-    try:
-        yield
-    finally:
-        for m, (mean, var, count) in saved:
-            for buffer, value in ((m.running_mean, mean), (m.running_var, var), (m.num_batches_tracked, count)):
-                if buffer is not None and value is not None:
-                    buffer.copy_(value)
 
 
 class SelectiveBackprop(Plugin):
@@ -206,18 +176,17 @@ class SelectiveBackprop(Plugin):
             return None
         if self._per_sample_loss is None:  # used outside BatchKitCallback's setup
             self._per_sample_loss = resolve_loss_method(self.name, module, self.loss_method)
-        num_samples = batch_size_of(self.name, batch)
+        spec = ctx.batch_spec
+        num_samples = spec.num_samples(batch)
         if max(1, int(self.keep * num_samples)) >= num_samples:
             return None
-        guard = eval_mode(module) if self.scoring == "eval" else frozen_norm_statistics(module)
-        with torch.no_grad(), guard:
-            losses = self._per_sample_loss(batch)
-        losses = check_per_sample_losses(self.name, self.loss_method, losses, num_samples)
-        chosen = self.choose(losses.detach().float(), ctx.rank, ctx.global_step, ctx.batch_idx)
+        with scoring_pass(module, self.scoring):
+            losses = per_sample_losses(self.name, self._per_sample_loss, batch, spec, self.loss_method)
+        chosen = self.choose(losses, ctx.rank, ctx.global_step, ctx.batch_idx)
         self.selected_batches += 1
         self.kept_samples += chosen.shape[0]
         self.scored_samples += num_samples
-        return select_samples(batch, chosen, num_samples)
+        return spec.select(batch, chosen)
 
     @hookimpl
     def batchkit_epoch_end(self) -> None:

@@ -205,12 +205,15 @@ def test_resume_with_another_delta_is_refused(tmp_path: Path) -> None:
         fit(tmp_path / "b", [HardBatchSelection(delta=0.25)], max_epochs=2, fit_kwargs={"ckpt_path": path})
 
 
-def test_dataloader_workers_need_lookahead(tmp_path: Path) -> None:
+def test_dataloader_workers_set_the_lookahead(tmp_path: Path) -> None:
     data = lambda: loader(num_workers=1, prefetch_factor=2)  # noqa: E731 - indices drawn 2 batches ahead
+    # a lookahead set by hand below what the loader does is refused with the value to use
     with pytest.raises(PluginError, match="draws 2 batches ahead.*lookahead: 2"):
-        fit(tmp_path / "a", [HardBatchSelection(delta=0.5)], data())
-    plugin = HardBatchSelection(delta=0.5, lookahead=2)
+        fit(tmp_path / "a", [HardBatchSelection(delta=0.5, lookahead=0)], data())
+    # unset, it follows the host's loader lookahead (num_workers * prefetch_factor)
+    plugin = HardBatchSelection(delta=0.5)
     hard, trainer = fit(tmp_path / "b", [plugin], data())
+    assert plugin.lookahead == 2
     assert trainer.global_step == 21
     # a round's choice uses the losses of the positions before its start minus the lookahead
     ids = batch_ids(hard.seen, plugin._partition)

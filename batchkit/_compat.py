@@ -1,0 +1,57 @@
+"""Every place batchkit relies on Lightning behaviour that is private or only implicit, one function
+each, so a Lightning release that changes one of them breaks here, in one place, and in the contract
+test beside it (``tests/test_compat.py``). Public Lightning API is used directly elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+
+def train_data_source(trainer: Any) -> Any:
+    """Where the fit loop keeps the train loaders (``.instance``: a LightningModule, a DataModule, or
+    the loaders given to ``fit(train_dataloaders=...)``). Private: ``fit_loop._data_source``; there
+    is no public way to reach loaders passed straight to ``fit``."""
+    return trainer.fit_loop._data_source
+
+
+def reload_train_loader_before_next_epoch(trainer: Any) -> int:
+    """Make the fit loop rebuild the train loader when the next epoch starts; returns the previous
+    ``reload_dataloaders_every_n_epochs`` for :func:`restore_reload_setting`. Implicit: the fit loop
+    rebuilds at the start of an epoch when ``current_epoch - last reload epoch >= n``."""
+    previous = int(trainer.reload_dataloaders_every_n_epochs)
+    trainer.reload_dataloaders_every_n_epochs = 1
+    return previous
+
+
+def restore_reload_setting(trainer: Any, previous: int) -> None:
+    trainer.reload_dataloaders_every_n_epochs = previous
+
+
+def ends_optimizer_step(trainer: Any, batch_idx: int) -> bool:
+    """Whether the optimizer steps after micro-batch ``batch_idx``: Lightning's rule (every
+    ``accumulate_grad_batches`` and at the epoch's last batch), or, under DeepSpeed, which counts
+    micro-steps over the whole run, the engine's own answer."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        return bool(strategy.deepspeed_engine.is_gradient_accumulation_boundary())
+    accumulate = trainer.accumulate_grad_batches
+    return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
+def torch_optimizers(trainer: Any) -> list[torch.optim.Optimizer]:
+    """The ``torch.optim.Optimizer`` objects that actually update parameters: ``trainer.optimizers``,
+    or, where a strategy wrapped them (DeepSpeed's ZeRO optimizers), the optimizer inside."""
+    found = []
+    for optimizer in trainer.optimizers:
+        inner = optimizer
+        for _ in range(4):  # DeepSpeed nests at most a couple of levels (ZeRO -> user optimizer)
+            if isinstance(inner, torch.optim.Optimizer):
+                break
+            inner = getattr(inner, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            found.append(inner)
+    return found
