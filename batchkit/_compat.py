@@ -13,8 +13,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 def train_data_source(trainer: Any) -> Any:
     """Where the fit loop keeps the train loaders (``.instance``: a LightningModule, a DataModule, or
-    the loaders given to ``fit(train_dataloaders=...)``). Private: ``fit_loop._data_source``; there
-    is no public way to reach loaders passed straight to ``fit``."""
+    the loaders given to ``fit(train_dataloaders=...)``), and asks for them (``.dataloader()``, on
+    every (re)load). Private: ``fit_loop._data_source``; there is no public way to reach loaders
+    passed straight to ``fit``."""
     return trainer.fit_loop._data_source
 
 

@@ -254,7 +254,8 @@ class ResumableBatchSampler:
 
 
 class BatchKitDataLoader(DataLoader):
-    """A DataLoader whose ``sampler`` reports the shard sampler (so Lightning injects none)."""
+    """A DataLoader whose ``sampler`` reports the shard sampler (so Lightning injects none) and whose
+    position in the epoch is saved in checkpoints."""
 
     def __init__(self, dataset: Dataset, *, batch_sampler: ResumableBatchSampler, user_dataset: Dataset, **kwargs: Any) -> None:
         self._shard_sampler = batch_sampler.sampler
@@ -273,6 +274,16 @@ class BatchKitDataLoader(DataLoader):
     @sampler.setter
     def sampler(self, value: Any) -> None:
         pass
+
+    # Lightning saves the state of loaders that have one and warns about mid-epoch resumes of those
+    # that do not. The position is the host's TrainProgress (saved with the callback, which also
+    # applies it when the loader is rebuilt); these are a view of it.
+    def state_dict(self) -> dict[str, int]:
+        progress = self.resumable.progress
+        return {"epoch": int(progress.epoch), "batches_done": int(progress.batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resumable.resume_at(int(state["epoch"]), int(state["batches_done"]))
 
 
 def _shuffles(loader: DataLoader) -> bool:

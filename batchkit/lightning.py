@@ -42,6 +42,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from batchkit import _compat
@@ -64,8 +65,9 @@ _NO_ATTRIBUTE = object()
 class BatchKitCallback(Callback):
     """Runs batchkit plugins inside a Lightning ``Trainer``.
 
-    :param plugins: plugin instances, or a mapping of named YAML-style entries
-        (``{"mix": {"plugin": "mixup", "alpha": 0.2}}``).
+    :param plugins: plugin instances; or a mapping of named YAML-style entries
+        (``{"mix": {"plugin": "mixup", "alpha": 0.2}}``); or a mapping of instance names to plugin
+        instances (``{"mix_a": MixupPlugin(...), ...}``), the way to run two instances side by side.
     :param print_summary: print per-plugin hook overhead at the end of ``fit`` (rank 0).
     :param batch_spec: how plugins count and select the samples of a batch
         (:class:`batchkit.batch.BatchSpec`, or its YAML form ``{per_sample: [...], shared: [...]}``);
@@ -82,9 +84,13 @@ class BatchKitCallback(Callback):
         cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(plugins, Mapping):
-            plugins = build_plugins(plugins)
-        self.host = PluginHost(plugins or ())
+        self.host = PluginHost()
+        if isinstance(plugins, Mapping) and plugins and all(_is_plugin_object(v) for v in plugins.values()):
+            for name, plugin in plugins.items():  # {instance name: plugin}
+                self.host.register(plugin, name=name)
+        else:
+            for plugin in build_plugins(plugins) if isinstance(plugins, Mapping) else plugins or ():
+                self.host.register(plugin)
         self.host.ctx.batch_spec = BatchSpec.from_config(batch_spec)
         self.cache = ArtifactCache(cache_dir)
         self.print_summary = print_summary
@@ -198,7 +204,12 @@ class BatchKitCallback(Callback):
 
             self._patch(instance, "train_dataloader", train_dataloader)
         elif instance is not None:
-            source.instance = self._wrap_loaders(instance)
+            # Loaders given to fit(): answer the fit loop's every request (a reload included) with a
+            # fresh build from the user's loaders, as for a module's train_dataloader().
+            def dataloader() -> Any:
+                return self._wrap_loaders(instance)
+
+            self._patch(source, "dataloader", dataloader)
 
     # -- stage 3 + 4: batch and loss, around training_step ------------------------------------
 
@@ -385,6 +396,10 @@ class BatchKitCallback(Callback):
         self._resumed = True
         self.host.load_state_dict(state_dict.get("plugins", {}))
         self.progress.load_state_dict(state_dict.get("progress", {}))
+
+
+def _is_plugin_object(value: Any) -> bool:
+    return value is not None and not isinstance(value, (Mapping, DictConfig))
 
 
 def count_samples(batch: Any, spec: BatchSpec) -> int:

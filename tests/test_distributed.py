@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from batchkit.testing import run_two_ranks
+
 pytestmark = pytest.mark.multiprocess
 
 JOB = Path(__file__).parent / "dist_job.py"
@@ -100,3 +102,22 @@ def test_a_sampler_chain_with_different_lengths_per_rank_is_refused_at_start(tmp
     assert proc.returncode != 0
     assert "ranks would run different numbers of batches per epoch ([6, 5])" in proc.stderr
     assert "['recorder', 'drop_on_rank1']" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_global_batches_metadata_and_global_selection_on_two_ranks(tmp_path: Path, strategy: str) -> None:
+    a, b = run_two_ranks(Path(__file__).parent / "host_api_job.py", tmp_path, "--strategy", strategy)
+    # the unsharded base sampler: one global batch of 16 per step, the same number on both ranks
+    assert a["sampler_lengths"] == b["sampler_lengths"] == [4] and a["global_step"] == b["global_step"] == 8
+    assert a["train_batch_size"] == b["train_batch_size"] == 4
+    for step, (mine, theirs) in enumerate(zip(a["super_ids"], b["super_ids"])):
+        # the host split each global batch: disjoint halves of 8 ...
+        assert len(mine) == len(theirs) == 8 and not set(mine) & set(theirs)
+        # ... selection over the global super-batch: both ranks agree, and together they train its 8 lowest ids
+        assert a["chosen"][step] == b["chosen"][step]
+        trained = a["seen"][step] + b["seen"][step]
+        assert len(a["seen"][step]) == len(b["seen"][step]) == 4
+        assert sorted(trained) == sorted(mine + theirs)[:8]
+        # the metadata the sampler attached to the global batch reached both ranks' batch stage
+        assert a["ctx_meta"][step] == b["ctx_meta"][step] and a["ctx_meta"][step]["position"] == step % 4
+        assert a["ctx_meta"][step]["first"] in mine + theirs

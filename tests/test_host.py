@@ -245,6 +245,56 @@ def test_hook_reference_is_generated_from_the_hookspecs() -> None:
     spec.loader.exec_module(module)
     assert (docs / "hooks.md").read_text() == module.render(), "run: python docs/make_hooks_md.py"
     from batchkit import hookspecs
+    from batchkit.host import HOOKS
 
-    documented = {n for _, names in module.SECTIONS for n in names}
-    assert documented == {n for n in dir(hookspecs) if n.startswith("batchkit_")}
+    # every hook is declared with its kind and stage, in a section of the reference
+    assert set(HOOKS) == {n for n in dir(hookspecs) if n.startswith("batchkit_")}
+    assert {h.stage for h in HOOKS.values()} == {stage for _, stage in module.SECTIONS}
+
+
+def test_hook_kinds_come_from_the_declarations() -> None:
+    from batchkit.host import CHAIN_HOOKS
+    from batchkit.host import HOOKS
+
+    assert CHAIN_HOOKS["batchkit_transform_batch"] == "batch"
+    assert CHAIN_HOOKS["batchkit_plan_total_steps"] == "total_steps"
+    assert HOOKS["batchkit_before_forward"].kind == "notification" and HOOKS["batchkit_before_forward"].stage == "batch"
+    assert HOOKS["batchkit_state_dict"].kind == "per_plugin"
+
+
+@pytest.mark.parametrize("option", [{"wrapper": True}, {"hookwrapper": True}])
+def test_wrappers_on_notification_hooks_are_rejected(option: dict) -> None:
+    # pluggy would accept them, and the host would never run them: refuse at registration
+    class Wrapper(Plugin):
+        name = "wrapper"
+
+        @hookimpl(**option)
+        def batchkit_step_end(self, ctx: Any) -> Any:
+            yield
+
+    with pytest.raises(PluginError, match=r"declares batchkit_step_end as a pluggy wrapper.*never runs wrappers"):
+        PluginHost([Wrapper()])
+
+
+def test_a_plugin_listed_twice_is_refused_unless_it_allows_it() -> None:
+    host = PluginHost()
+    host.register(Append("a"), name="one")
+    host.register(Append("b"), name="two")
+    with pytest.raises(PluginConflictError, match=r"plugin 'append' is listed 2 times \(entries \['one', 'two'\]\)"):
+        host.validate()
+
+    class Many(Append):
+        name = "many"
+        allow_multiple = True
+
+    host = PluginHost()
+    host.register(Many("a"), name="one")
+    host.register(Many("b"), name="two")
+    host.validate()
+
+
+def test_chain_tiers_show_why_order_does_not_cross_tiers() -> None:
+    host = PluginHost()
+    host.register(Append("late", order=-100), name="late")
+    host.register(First("first", order=50), name="first")
+    assert host.chain_tiers("batchkit_transform_batch") == [("first", "tryfirst", 50), ("late", "ordinary", -100)]

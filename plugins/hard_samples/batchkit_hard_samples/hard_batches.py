@@ -321,7 +321,9 @@ class HardBatchSelection(Plugin):
             return {"fresh": True}
         n = len(self._pending_vals)
         values = torch.stack([v.to(self._device) for v in self._pending_vals]) if n else torch.zeros(0, device=self._device)
-        if dist.is_distributed() and n:
+        if self._restored_rows is not None:  # restored, and no sampler built since: save what was restored
+            rows = self._restored_rows
+        elif dist.is_distributed() and n:
             # Lightning builds the checkpoint on every rank and saves rank 0's: keep every rank's
             # unreduced losses of the current round so all ranks resume exactly.
             rows = dist.all_gather(values)
