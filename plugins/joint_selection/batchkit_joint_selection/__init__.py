@@ -23,6 +23,7 @@ from batchkit_joint_selection.cabs import dm_gains
 from batchkit_joint_selection.cabs import rank_shares
 from batchkit_joint_selection.jest import VARIANTS
 from batchkit_joint_selection.jest import conditional_logits
+from batchkit_joint_selection.jest import gumbel_noise
 from batchkit_joint_selection.jest import gumbel_topk
 from batchkit_joint_selection.jest import independent_scores
 from batchkit_joint_selection.jest import independent_topk
@@ -43,6 +44,7 @@ __all__ = [
     "concept_targets",
     "conditional_logits",
     "dm_gains",
+    "gumbel_noise",
     "gumbel_topk",
     "independent_scores",
     "independent_topk",

@@ -14,7 +14,8 @@ with the most concepts: score_i = |C_i|, sorted descending, ties to the lower in
 2. Targets for a global batch of T examples::
 
        base   = min(T // C, max_freq)
-       tgt[c] = base + 1 for the first T % C concepts in name order (only while base < max_freq)
+       tgt[c] = base + 1 for the first T % C concepts in name order (only while base < max_freq;
+                the clamp below makes that condition redundant)
        tgt[c] = clamp(tgt[c], min_per_concept, max_freq)
        if sum(tgt) > T:  tgt[c] = max(1, min(floor(tgt[c] T / sum(tgt)), max_freq))
 
@@ -38,19 +39,21 @@ per dog. FM's score counts every entry; DM averages g over the entries and adds 
 F[c] counts examples (an example with two dogs adds 1). Callers that want set semantics pass
 de-duplicated lists (a ``set`` works too).
 
-**Greedy without a heap.** The released code keeps a lazy max-heap of gains (stale entries skipped
-on pop) so that a pick costs O(log N) plus the recomputation of neighbours' gains. A greedy that
-takes the argmax of the current gains, ties to the lower index, picks the same examples (the heap
-orders (-gain, index) tuples); here the gains of all N examples are recomputed exactly after each
-pick with a handful of tensor operations, which is faster than Python heap operations at super-batch
-sizes (N in the thousands). A test checks against a lazy-heap transcription. Two deviations from the
-released code, both fixes: it compared a float64 gain with its float32 copy to detect stale heap
-entries, which discards most valid entries (their gains are not exact in float32) and sends much of
-the batch to the random fill; and it returns fewer than the share when the pool runs out, where we
-then draw the remainder at random from the dropped examples (counted in ``over_cap``) so that every
-rank keeps exactly its share (equal shapes under DDP).
+**Greedy without a heap.** The released code keeps a lazy max-heap of (-gain, index) entries
+(stale ones skipped on pop) and recomputes the gains of the examples that share a concept with each
+pick. Taking the argmax of the current gains, ties to the lower index, picks the same examples;
+here that argmax is one numpy operation over the N gains, and after each pick the gains of the
+holders of its concepts are recomputed exactly (whole rows, a few numpy operations), which costs
+less than Python heap operations at super-batch sizes (see benchmarks/joint_selection_algorithms.py).
+A test checks the picks against a lazy-heap transcription on random tables. Two deviations from the
+released code, both fixes: (a) it detects stale heap entries by comparing the float64 gain with its
+float32 copy, which also rejects every valid entry whose gain is not exact in float32 (about 95% of
+the initial gains on a Zipf concept table of 320 or 1280 examples), so the greedy stops early and
+most of the batch comes from the random fill; (b) it returns fewer than the share when the pool runs
+out, where we draw the remainder at random from the dropped examples (counted in ``over_cap``) so
+that every rank keeps exactly its share (equal shapes under DDP).
 
-Randomness (the fill only) comes from a caller's ``torch.Generator``; given its state, the result is
+Randomness (the fill only) comes from a caller's CPU ``torch.Generator``; given its state, the result is
 deterministic. Concepts may be any mutually comparable hashables (strings, ints).
 """
 
@@ -60,6 +63,7 @@ from collections.abc import Hashable
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -152,10 +156,7 @@ def concept_entries(concepts: Concepts, names: Sequence[Hashable]) -> torch.Tens
         except KeyError as err:
             raise ValueError(f"concept_entries: example {i} has concept {err.args[0]!r}, which is not in the concept table") from None
     width = max((len(r) for r in rows), default=0)
-    entries = torch.full((len(rows), width), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        entries[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return entries
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 
 def _check_caps(max_freq: int, min_per_concept: int) -> None:
@@ -165,23 +166,22 @@ def _check_caps(max_freq: int, min_per_concept: int) -> None:
         raise ValueError(f"CABS-DM: min_per_concept must be in [1, max_freq = {max_freq}], got {min_per_concept}")
 
 
-def _concept_terms(counts: torch.Tensor, targets: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-    """g[c], with one more slot (index C, the padding) worth 0."""
-    tgt = targets.to(torch.float64)
-    n = counts.to(torch.float64)
-    balance = (tgt - n) / tgt.clamp(min=1.0)   # (tgt[c] - n[c]) / max(1, tgt[c])
-    rarity = 1.0 / freq.clamp(min=1.0)         # 1 / max(1, F[c])
-    g = torch.where(counts < targets, balance + rarity, torch.full_like(tgt, -0.5))
-    return torch.cat([g, g.new_zeros(1)])
+def _concept_terms(counts: np.ndarray, targets: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """g[c] for the given concepts (numpy; the same IEEE operations as the formula written out)."""
+    balance = (targets - counts) / np.maximum(targets, 1)   # (tgt[c] - n[c]) / max(1, tgt[c])
+    rarity = 1.0 / np.maximum(freq, 1.0)                    # 1 / max(1, F[c])
+    return np.where(counts < targets, balance + rarity, -0.5)
 
 
-def _gains(entries: torch.Tensor, terms: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    # sum_{c in C_i} g[c], accumulated entry by entry in ascending concept order (padding adds 0.0),
-    # so an example's gain does not depend on which other examples share the tensor
-    total = torch.zeros(entries.shape[0], dtype=torch.float64)
-    for k in range(entries.shape[1]):
-        total += terms[entries[:, k]]
-    return torch.where(sizes > 0, total / sizes.clamp(min=1), torch.full_like(total, float("-inf")))
+def _gains(padded: np.ndarray, terms: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(1 / |C_i|) sum_{c in C_i} g[c]; -inf without concepts. ``terms`` has a last slot, 0.0, for the padding.
+
+    The sum runs entry by entry in ascending concept order (cumsum adds sequentially; the padding
+    adds 0.0), so an example's gain is the same floating-point number whatever the other rows are.
+    """
+    total = terms[padded].cumsum(axis=1)[:, -1] if padded.shape[1] else np.zeros(len(padded))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sizes > 0, total / np.maximum(sizes, 1), -np.inf)
 
 
 def dm_gains(entries: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, freq: torch.Tensor, max_freq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,12 +191,14 @@ def dm_gains(entries: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor,
     (its gain is -inf and the greedy drops it). Examples without concepts have gain -inf, not over_cap.
     """
     n_concepts = targets.shape[0]
-    padded = entries.masked_fill(entries < 0, n_concepts)
-    sizes = (entries >= 0).sum(dim=1).to(torch.float64)                       # |C_i|, repeats counted
-    at_cap = torch.cat([counts >= max_freq, torch.zeros(1, dtype=torch.bool)])
-    over_cap = at_cap[padded].any(dim=1)
-    gains = _gains(padded, _concept_terms(counts, targets, freq), sizes).masked_fill(over_cap, float("-inf"))
-    return gains, over_cap
+    ent = entries.numpy()
+    padded = np.where(ent < 0, n_concepts, ent)
+    sizes = (ent >= 0).sum(axis=1)
+    n = counts.numpy()
+    over_cap = np.append(n >= max_freq, False)[padded].any(axis=1)
+    terms = np.append(_concept_terms(n, targets.numpy(), freq.numpy()), 0.0)
+    gains = np.where(over_cap, -np.inf, _gains(padded, terms, sizes))
+    return torch.from_numpy(gains), torch.from_numpy(over_cap)
 
 
 class DMSelection(NamedTuple):
@@ -239,33 +241,49 @@ def cabs_dm_rank(
     entries = concept_entries(local, table.names)
 
     n_concepts = len(table.names)
-    padded = entries.masked_fill(entries < 0, n_concepts)
-    sizes = (entries >= 0).sum(dim=1).to(torch.float64)
-    counts = torch.zeros(n_concepts, dtype=torch.long)                       # n[c], this rank's
-    pool = torch.ones(len(local), dtype=torch.bool)                          # not picked, not dropped
-    dropped = torch.zeros(len(local), dtype=torch.bool)
+    ent = entries.numpy()
+    padded = np.where(ent < 0, n_concepts, ent)                 # the padding points at slot C
+    sizes = (ent >= 0).sum(axis=1)                              # |C_i|, repeats counted
+    tgt = targets.numpy()
+    freq = table.freq.numpy()
+    counts = np.zeros(n_concepts, dtype=np.int64)               # n[c], this rank's
+    terms = np.append(_concept_terms(counts, tgt, freq), 0.0)  # g[c], and 0.0 for the padding
+    # holders of each concept (rows, sorted): holders[starts[c]:starts[c + 1]]
+    entry_ids = ent[ent >= 0]
+    by_concept = np.argsort(entry_ids, kind="stable")
+    holders = np.repeat(np.arange(len(local)), sizes)[by_concept]
+    starts = np.searchsorted(entry_ids[by_concept], np.arange(n_concepts + 1))
+    gains = _gains(padded, terms, sizes)
+    pool = np.ones(len(local), dtype=bool)                      # not picked, not dropped
+    dropped = np.zeros(len(local), dtype=bool)
     picks: list[int] = []
-    gains = _gains(padded, _concept_terms(counts, targets, table.freq), sizes)
     while len(picks) < share:
-        candidates = gains.masked_fill(~pool, float("-inf"))
-        best = int(torch.argmax(candidates))                                 # first index of the max
-        if candidates[best] == float("-inf"):
-            break                                                            # no finite gain left
+        candidates = np.where(pool, gains, -np.inf)
+        best = int(candidates.argmax())                         # the first index of the max
+        if candidates[best] == -np.inf:
+            break                                               # no finite gain left
         picks.append(best)
         pool[best] = False
-        ids = entries[best][entries[best] >= 0]
-        counts.index_add_(0, ids, torch.ones_like(ids))                      # n[c] += 1 per entry
-        capped = counts[ids] >= max_freq
-        if bool(capped.any()):                                               # drop every holder, for good
-            at_cap = torch.zeros(n_concepts + 1, dtype=torch.bool)
-            at_cap[ids[capped]] = True
-            newly = at_cap[padded].any(dim=1) & pool
+        ids = ent[best, : sizes[best]]
+        np.add.at(counts, ids, 1)                               # n[c] += 1 per entry
+        touched = np.unique(ids)
+        terms[touched] = _concept_terms(counts[touched], tgt[touched], freq[touched])
+        capped = touched[counts[touched] >= max_freq]
+        if len(capped):                                         # drop every holder, for good
+            at_cap = np.zeros(n_concepts + 1, dtype=bool)
+            at_cap[capped] = True
+            newly = at_cap[padded].any(axis=1) & pool
             dropped |= newly
             pool &= ~newly
-        gains = _gains(padded, _concept_terms(counts, targets, table.freq), sizes)
+        # only the holders of the pick's concepts have new gains; each row is recomputed whole
+        if int((starts[touched + 1] - starts[touched]).sum()) >= len(local) // 2:
+            gains = _gains(padded, terms, sizes)  # a frequent concept: all rows at once is cheaper
+        else:
+            rows = np.unique(np.concatenate([holders[starts[c]:starts[c + 1]] for c in touched]))
+            gains[rows] = _gains(padded[rows], terms, sizes[rows])
     greedy = len(picks)
-    fill = _draw(pool, share - len(picks), generator)
-    over_cap = _draw(dropped, share - len(picks) - len(fill), generator)
+    fill = _draw(torch.from_numpy(pool), share - len(picks), generator)
+    over_cap = _draw(torch.from_numpy(dropped), share - len(picks) - len(fill), generator)
     indices = torch.cat([torch.tensor(picks, dtype=torch.long), fill, over_cap])
     return DMSelection(indices, greedy, len(fill), len(over_cap))
 

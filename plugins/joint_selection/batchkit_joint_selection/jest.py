@@ -39,8 +39,9 @@ number of terms (the port's division by 2|A| + 1 is not in the paper), so later 
 logits sum more terms, are drawn more greedily.
 
 Draws use the Gumbel-top-k trick (the top n of logits + Gumbel noise is a draw of n without
-replacement from the softmax, in Plackett-Luce order) with a caller's ``torch.Generator``: the
-same generator state gives the same batch, so a plugin resumes exactly by seeding it from
+replacement from the softmax, in Plackett-Luce order), with the noise of all chunks drawn at once,
+as one [n_chunks, B] float64 tensor, from a caller's ``torch.Generator``: the same generator state
+gives the same batch, so a plugin resumes exactly by seeding it from
 (seed, step) or by saving its state. The conditional logits are kept as running row and column
 sums, so the whole draw costs O(B b) after S is built, not O(n_chunks B^2).
 """
@@ -56,6 +57,7 @@ import torch.nn.functional as F
 __all__ = [
     "VARIANTS",
     "conditional_logits",
+    "gumbel_noise",
     "gumbel_topk",
     "independent_scores",
     "independent_topk",
@@ -151,17 +153,19 @@ def conditional_logits(scores: torch.Tensor, selected: torch.Tensor) -> torch.Te
     return scores.diagonal() + scores @ in_a + in_a @ scores  # S[k,k] + sum_j S[k,j] + sum_i S[i,k]
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """i.i.d. Gumbel(0, 1) noise, float64, drawn from ``generator`` on its own device."""
+    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+    return -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float64).tiny)))  # u = 0 would give -inf
+
+
 def gumbel_topk(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k indices drawn without replacement from softmax(``logits``) along the last dimension.
 
     ``top_k(logits + g)``, g_i ~ Gumbel(0, 1) i.i.d. (Gumbel-top-k; the order is the order of
-    sequential draws). ``-inf`` logits are never drawn while finite ones remain. The noise comes
-    from ``generator`` on its own device, so the draw depends only on the generator's state.
+    sequential draws). ``-inf`` logits are never drawn while finite ones remain.
     """
-    u = torch.rand(logits.shape, generator=generator, device=generator.device, dtype=torch.float64)
-    u = u.clamp_(min=torch.finfo(torch.float64).tiny)  # u = 0 would give -inf noise
-    gumbel = -torch.log(-torch.log(u))
-    return torch.topk(logits.to(torch.float64) + gumbel.to(logits.device), k, dim=-1).indices
+    return torch.topk(logits + gumbel_noise(tuple(logits.shape), generator).to(logits.device), k, dim=-1).indices
 
 
 def joint_sample(scores: torch.Tensor, batch_size: int, *, n_chunks: int = 16, generator: torch.Generator) -> torch.Tensor:
@@ -185,20 +189,21 @@ def joint_sample(scores: torch.Tensor, batch_size: int, *, n_chunks: int = 16, g
             f"b / n_chunks examples. Set n_chunks to a divisor of {batch_size} (nearest: {' or '.join(map(str, nearest))}) "
             f"or make the batch size a multiple of {n_chunks}"
         )
-    if not bool(torch.isfinite(scores).all()):
+    if not bool(torch.isfinite(scores.sum(dtype=torch.float64))):  # NaN or inf anywhere (a float64 sum cannot overflow)
         raise ValueError("joint_sample: scores contain NaN or inf; check the embeddings, temperature and bias of both models")
     n_draws = batch_size // n_chunks
     diag = scores.diagonal()
     to_selected = torch.zeros(super_batch, dtype=scores.dtype, device=scores.device)    # sum_{j in A} S[k, j]
     from_selected = torch.zeros(super_batch, dtype=scores.dtype, device=scores.device)  # sum_{i in A} S[i, k]
     selected = torch.zeros(super_batch, dtype=torch.bool, device=scores.device)
+    noise = gumbel_noise((n_chunks, super_batch), generator).to(scores.device)  # one row per chunk, drawn at once
     chunks = []
-    for _ in range(n_chunks):
+    for c in range(n_chunks):
         logits = (diag + to_selected + from_selected).masked_fill(selected, float("-inf"))
-        chunk = gumbel_topk(logits, n_draws, generator)
+        chunk = torch.topk(logits + noise[c], n_draws).indices  # Gumbel-top-k: n_draws from softmax(logits)
         selected[chunk] = True
-        to_selected += scores[:, chunk].sum(dim=1)
-        from_selected += scores[chunk, :].sum(dim=0)
+        to_selected += scores.index_select(1, chunk).sum(dim=1)
+        from_selected += scores.index_select(0, chunk).sum(dim=0)
         chunks.append(chunk)
     return torch.cat(chunks)
 
