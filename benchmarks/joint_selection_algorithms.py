@@ -67,7 +67,9 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None], clock: Callable[[], f
     return (clock() - start) * 1e3
 
 
-def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None], clock: Callable[[], float]) -> dict[str, float]:
+def interleaved(
+    cases: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None], clock: Callable[[], float]
+) -> dict[str, float]:
     for fn in cases.values():  # warm-up
         fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -105,7 +107,8 @@ def main() -> None:
     torch.set_num_threads(1)
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
     results: dict[str, Any] = {"machine": machine(), "device": str(device), "repeats": args.repeats,
-                               "clock": "thread CPU time (CABS always; JEST on CPU), wall time around a synchronize (JEST on a GPU)",
+                               "clock": "thread CPU time (CABS always; JEST on CPU), "
+                                        "wall time around a synchronize (JEST on a GPU)",
                                "jest": {}, "cabs": {}}
     if device.type == "cuda":
         results["machine"]["gpu"] = torch.cuda.get_device_name(device)
@@ -113,10 +116,13 @@ def main() -> None:
     for batch in (64, 256):
         size, dim = 5 * batch, 256
         g = torch.Generator(device=device).manual_seed(0)
-        emb = [torch.nn.functional.normalize(torch.randn(size, dim, generator=g, device=device), dim=1) for _ in range(4)]
+        emb = [torch.nn.functional.normalize(torch.randn(size, dim, generator=g, device=device), dim=1)
+               for _ in range(4)]
 
         def scoring() -> torch.Tensor:
-            return learnability_matrix(siglip_pair_losses(emb[0], emb[1], 10.0, -10.0), siglip_pair_losses(emb[2], emb[3], 10.0, -10.0))
+            learner = siglip_pair_losses(emb[0], emb[1], 10.0, -10.0)
+            reference = siglip_pair_losses(emb[2], emb[3], 10.0, -10.0)
+            return learnability_matrix(learner, reference)
 
         scores = scoring()
         gen = torch.Generator(device=device).manual_seed(1)
@@ -145,7 +151,8 @@ def main() -> None:
             assert picked.indices.tolist() == heap[0], "the greedy and the lazy heap disagree"
             times = interleaved({
                 "cabs_dm": lambda: cabs_dm(concepts, target, generator=torch.Generator().manual_seed(0)),
-                "lazy_heap_python": lambda: lazy_heap_dm(concepts, table.names, freq, targets, target, 10, torch.Generator().manual_seed(0)),
+                "lazy_heap_python": lambda: lazy_heap_dm(
+                    concepts, table.names, freq, targets, target, 10, torch.Generator().manual_seed(0)),
                 "cabs_fm": lambda: cabs_fm(concepts, target),
             }, args.repeats, lambda: None, time.thread_time)
             times["lazy_heap_over_cabs_dm"] = times["lazy_heap_python"] / times["cabs_dm"]
@@ -170,7 +177,8 @@ def main() -> None:
         "cabs_lazy_heap_over_dm_1280": cabs["zipf_N1280_T256"]["lazy_heap_over_cabs_dm"],
         "cabs_lazy_heap_over_dm_1280_uniform": cabs["uniform_N1280_T256"]["lazy_heap_over_cabs_dm"],
     }
-    out = args.out or Path(__file__).parent / "results" / ("joint_selection_algorithms_cuda.json" if device.type == "cuda" else "joint_selection_algorithms.json")
+    name = "joint_selection_algorithms_cuda.json" if device.type == "cuda" else "joint_selection_algorithms.json"
+    out = args.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["summary"], indent=2))

@@ -119,7 +119,10 @@ def concept_table(concepts_per_rank: Sequence[Concepts]) -> ConceptTable:
     try:
         names = sorted(holders)
     except TypeError as err:
-        raise ValueError(f"concept_table: concept names must be mutually comparable (all str, or all int) to be put in name order: {err}") from None
+        raise ValueError(
+            f"concept_table: concept names must be mutually comparable (all str, or all int) to be put in name "
+            f"order: {err}"
+        ) from None
     return ConceptTable(names, torch.tensor([holders[c] for c in names], dtype=torch.float64))
 
 
@@ -154,7 +157,9 @@ def concept_entries(concepts: Concepts, names: Sequence[Hashable]) -> torch.Tens
         try:
             rows.append(sorted(concept_id[c] for c in sample))
         except KeyError as err:
-            raise ValueError(f"concept_entries: example {i} has concept {err.args[0]!r}, which is not in the concept table") from None
+            raise ValueError(
+                f"concept_entries: example {i} has concept {err.args[0]!r}, which is not in the concept table"
+            ) from None
     width = max((len(r) for r in rows), default=0)
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
@@ -184,7 +189,9 @@ def _gains(padded: np.ndarray, terms: np.ndarray, sizes: np.ndarray) -> np.ndarr
         return np.where(sizes > 0, total / np.maximum(sizes, 1), -np.inf)
 
 
-def dm_gains(entries: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, freq: torch.Tensor, max_freq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dm_gains(
+    entries: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, freq: torch.Tensor, max_freq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """gain(i) for every example given the counts n[c]; returns (gains [N] float64, over_cap [N] bool).
 
     ``entries`` from :func:`concept_entries`; ``over_cap[i]``: some concept of i has n[c] >= max_freq
@@ -233,8 +240,9 @@ def cabs_dm_rank(
     local = concepts_per_rank[rank]
     if target < 1 or share > len(local):
         raise ValueError(
-            f"cabs_dm_rank: target must be in [1, {sum(len(c) for c in concepts_per_rank)}] (the global super-batch) and each "
-            f"rank's share at most its super-batch; rank {rank} must keep {share} of {len(local)} examples (target {target})"
+            f"cabs_dm_rank: target must be in [1, {sum(len(c) for c in concepts_per_rank)}] (the global "
+            f"super-batch) and each rank's share at most its super-batch; rank {rank} must keep {share} of "
+            f"{len(local)} examples (target {target})"
         )
     table = concept_table(concepts_per_rank)
     targets = concept_targets(len(table.names), target, max_freq, min_per_concept)
@@ -296,6 +304,8 @@ def _draw(mask: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tenso
     return candidates[torch.randperm(len(candidates), generator=generator)[:n]]
 
 
-def cabs_dm(concepts: Concepts, target: int, *, max_freq: int = 10, min_per_concept: int = 1, generator: torch.Generator) -> DMSelection:
+def cabs_dm(
+    concepts: Concepts, target: int, *, max_freq: int = 10, min_per_concept: int = 1, generator: torch.Generator
+) -> DMSelection:
     """CABS-DM on one process: :func:`cabs_dm_rank` with a single rank."""
     return cabs_dm_rank([concepts], 0, target, max_freq=max_freq, min_per_concept=min_per_concept, generator=generator)

@@ -70,7 +70,9 @@ Variant = Literal["learnability", "hard_learner", "easy_reference"]
 VARIANTS: tuple[str, ...] = ("learnability", "hard_learner", "easy_reference")
 
 
-def siglip_pair_losses(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor, bias: float | torch.Tensor) -> torch.Tensor:
+def siglip_pair_losses(
+    a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor, bias: float | torch.Tensor
+) -> torch.Tensor:
     """The B x B pairwise sigmoid losses ``l_ij = -log sigmoid(z_ij (t <a_i, b_j> + bias))``.
 
     ``a`` and ``b`` are the two towers' embeddings of the same B examples ([B, D] each), as the
@@ -79,14 +81,19 @@ def siglip_pair_losses(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor
     least float32. The mean of the matrix times B is SigLIP's loss on this batch.
     """
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"siglip_pair_losses: embeddings must be [B, D] matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"siglip_pair_losses: embeddings must be [B, D] matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape != b.shape:
         raise ValueError(
-            f"siglip_pair_losses: the two towers' embeddings must have the same shape [B, D], got {tuple(a.shape)} and "
-            f"{tuple(b.shape)}; pair_embeddings(batch) must return one row per example from each tower, in the same space"
+            f"siglip_pair_losses: the two towers' embeddings must have the same shape [B, D], got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}; pair_embeddings(batch) must return one row per example from each tower, in the "
+            f"same space"
         )
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    logits = torch.as_tensor(t, dtype=dtype, device=a.device) * (a.to(dtype) @ b.to(dtype).T) + torch.as_tensor(bias, dtype=dtype, device=a.device)
+    t = torch.as_tensor(t, dtype=dtype, device=a.device)
+    bias = torch.as_tensor(bias, dtype=dtype, device=a.device)
+    logits = t * (a.to(dtype) @ b.to(dtype).T) + bias
     z = 2.0 * torch.eye(a.shape[0], dtype=dtype, device=a.device) - 1.0  # z_ii = +1, z_ij = -1
     return -F.logsigmoid(z * logits)
 
@@ -94,12 +101,15 @@ def siglip_pair_losses(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor
 def _check_pairwise(name: str, losses: torch.Tensor, variant: str) -> None:
     if losses.dim() == 1:
         raise ValueError(
-            f"learnability_matrix: {name} is a vector of per-example losses (shape {tuple(losses.shape)}); JEST needs the "
-            f"pairwise [B, B] matrix from siglip_pair_losses(a, b, t, bias). An S built from per-example losses, "
-            f"S[i, j] = l_i - l_j, cancels in the conditional logits and makes the selection uniform (variant {variant!r})"
+            f"learnability_matrix: {name} is a vector of per-example losses (shape {tuple(losses.shape)}); JEST "
+            f"needs the pairwise [B, B] matrix from siglip_pair_losses(a, b, t, bias). An S built from per-example "
+            f"losses, S[i, j] = l_i - l_j, cancels in the conditional logits and makes the selection uniform "
+            f"(variant {variant!r})"
         )
     if losses.dim() != 2 or losses.shape[0] != losses.shape[1]:
-        raise ValueError(f"learnability_matrix: {name} must be a square [B, B] pairwise loss matrix, got shape {tuple(losses.shape)}")
+        raise ValueError(
+            f"learnability_matrix: {name} must be a square [B, B] pairwise loss matrix, got shape {tuple(losses.shape)}"
+        )
 
 
 def learnability_matrix(
@@ -122,7 +132,10 @@ def learnability_matrix(
     for name in needed:
         losses = given[name]
         if losses is None:
-            raise ValueError(f"learnability_matrix: variant {variant!r} needs {name} (a [B, B] matrix from siglip_pair_losses), got None")
+            raise ValueError(
+                f"learnability_matrix: variant {variant!r} needs {name} (a [B, B] matrix from siglip_pair_losses), "
+                f"got None"
+            )
         _check_pairwise(name, losses, variant)
     if variant == "hard_learner":
         return learner_losses
@@ -131,14 +144,15 @@ def learnability_matrix(
     assert learner_losses is not None and reference_losses is not None
     if learner_losses.shape != reference_losses.shape:
         raise ValueError(
-            f"learnability_matrix: learner and reference loss matrices differ in shape, {tuple(learner_losses.shape)} vs "
-            f"{tuple(reference_losses.shape)}; score the same super-batch with both models"
+            f"learnability_matrix: learner and reference loss matrices differ in shape, "
+            f"{tuple(learner_losses.shape)} vs {tuple(reference_losses.shape)}; score the same super-batch with both "
+            f"models"
         )
     if reference_losses is learner_losses or torch.equal(reference_losses, learner_losses):
         raise ValueError(
-            "learnability_matrix: the reference losses equal the learner's, so S = L_learner - L_reference is zero and the "
-            "selection would be uniform; compute reference_losses with the frozen reference model's embeddings, temperature "
-            "and bias"
+            "learnability_matrix: the reference losses equal the learner's, so S = L_learner - L_reference is zero "
+            "and the selection would be uniform; compute reference_losses with the frozen reference model's "
+            "embeddings, temperature and bias"
         )
     return learner_losses - reference_losses
 
@@ -165,32 +179,45 @@ def gumbel_topk(logits: torch.Tensor, k: int, generator: torch.Generator) -> tor
     ``top_k(logits + g)``, g_i ~ Gumbel(0, 1) i.i.d. (Gumbel-top-k; the order is the order of
     sequential draws). ``-inf`` logits are never drawn while finite ones remain.
     """
-    return torch.topk(logits + gumbel_noise(tuple(logits.shape), generator).to(logits.device), k, dim=-1).indices
+    noise = gumbel_noise(tuple(logits.shape), generator).to(logits.device)
+    return torch.topk(logits + noise, k, dim=-1).indices
 
 
-def joint_sample(scores: torch.Tensor, batch_size: int, *, n_chunks: int = 16, generator: torch.Generator) -> torch.Tensor:
+def _check_square(caller: str, scores: torch.Tensor, batch_size: int) -> None:
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(
+            f"{caller}: scores must be a square [B, B] learnability matrix, got shape {tuple(scores.shape)}"
+        )
+    if not 1 <= batch_size <= scores.shape[0]:
+        raise ValueError(f"{caller}: batch_size must be in [1, B = {scores.shape[0]}], got {batch_size}")
+
+
+@torch.no_grad()
+def joint_sample(
+    scores: torch.Tensor, batch_size: int, *, n_chunks: int = 16, generator: torch.Generator
+) -> torch.Tensor:
     """Draw ``batch_size`` distinct indices of the super-batch by JEST's blocked sampling.
 
     ``scores`` is S ([B, B]); the result is a LongTensor of ``batch_size`` indices in draw order
     (chunk after chunk), on S's device. ``batch_size`` must be a multiple of ``n_chunks``.
     """
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"joint_sample: scores must be a square [B, B] learnability matrix, got shape {tuple(scores.shape)}")
-    super_batch = scores.shape[0]
+    _check_square("joint_sample", scores, batch_size)
     if n_chunks < 1:
         raise ValueError(f"joint_sample: n_chunks must be >= 1, got {n_chunks}")
-    if not 1 <= batch_size <= super_batch:
-        raise ValueError(f"joint_sample: batch_size must be in [1, B = {super_batch}], got {batch_size}")
     if batch_size % n_chunks:
         divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
-        nearest = sorted({max(d for d in divisors if d <= n_chunks), min((d for d in divisors if d >= n_chunks), default=batch_size)})
+        below = max(d for d in divisors if d <= n_chunks)
+        above = min((d for d in divisors if d >= n_chunks), default=batch_size)
         raise ValueError(
-            f"joint_sample: the batch size b = {batch_size} is not divisible by n_chunks = {n_chunks}; every chunk draws "
-            f"b / n_chunks examples. Set n_chunks to a divisor of {batch_size} (nearest: {' or '.join(map(str, nearest))}) "
-            f"or make the batch size a multiple of {n_chunks}"
+            f"joint_sample: the batch size b = {batch_size} is not divisible by n_chunks = {n_chunks}; every chunk "
+            f"draws b / n_chunks examples. Set n_chunks to a divisor of {batch_size} (nearest: "
+            f"{' or '.join(map(str, sorted({below, above})))}) or make the batch size a multiple of {n_chunks}"
         )
-    if not bool(torch.isfinite(scores.sum(dtype=torch.float64))):  # NaN or inf anywhere (a float64 sum cannot overflow)
-        raise ValueError("joint_sample: scores contain NaN or inf; check the embeddings, temperature and bias of both models")
+    if not bool(torch.isfinite(scores.sum(dtype=torch.float64))):  # NaN or inf anywhere; a float64 sum cannot overflow
+        raise ValueError(
+            "joint_sample: scores contain NaN or inf; check the embeddings, temperature and bias of both models"
+        )
+    super_batch = scores.shape[0]
     n_draws = batch_size // n_chunks
     diag = scores.diagonal()
     to_selected = torch.zeros(super_batch, dtype=scores.dtype, device=scores.device)    # sum_{j in A} S[k, j]
@@ -218,11 +245,9 @@ def independent_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores.sum(dim=1) + scores.sum(dim=0) - scores.diagonal()
 
 
+@torch.no_grad()
 def independent_topk(scores: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The ``batch_size`` examples with the highest :func:`independent_scores`, best first (ties to the lower index)."""
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"independent_topk: scores must be a square [B, B] learnability matrix, got shape {tuple(scores.shape)}")
-    if not 1 <= batch_size <= scores.shape[0]:
-        raise ValueError(f"independent_topk: batch_size must be in [1, B = {scores.shape[0]}], got {batch_size}")
+    """The ``batch_size`` examples of highest :func:`independent_scores`, best first (ties to the lower index)."""
+    _check_square("independent_topk", scores, batch_size)
     order = torch.sort(independent_scores(scores), descending=True, stable=True).indices
     return order[:batch_size]

@@ -190,7 +190,8 @@ def test_the_greedy_matches_a_lazy_heap_greedy_on_random_tables() -> None:
     fills = 0
     for case in range(150):
         vocab = [f"c{v:02d}" for v in range(rng.randint(1, 15))]
-        concepts = [[rng.choice(vocab) for _ in range(rng.choice([0, 1, 1, 2, 3, 4, 6]))] for _ in range(rng.randint(1, 60))]
+        sizes = [rng.choice([0, 1, 1, 2, 3, 4, 6]) for _ in range(rng.randint(1, 60))]
+        concepts = [[rng.choice(vocab) for _ in range(size)] for size in sizes]
         target = rng.randint(1, len(concepts))
         max_freq = rng.randint(1, 6)
         picked = cabs_dm(concepts, target, max_freq=max_freq, generator=gen(case))
@@ -223,3 +224,11 @@ def test_bad_input_is_refused() -> None:
         cabs_dm(TOY, 0, generator=gen())
     with pytest.raises(ValueError, match="max_freq .* >= 1"):
         cabs_dm(TOY, 2, max_freq=0, generator=gen())
+
+
+def test_without_any_concepts_the_share_is_a_seeded_random_draw() -> None:
+    picked = cabs_dm([[] for _ in range(10)], 4, generator=gen(3))
+    assert (picked.greedy, picked.random_fill, picked.over_cap) == (0, 4, 0)
+    assert len(set(picked.indices.tolist())) == 4
+    assert torch.equal(picked.indices, cabs_dm([[] for _ in range(10)], 4, generator=gen(3)).indices)
+    assert cabs_fm([[] for _ in range(10)], 3).tolist() == [0, 1, 2]

@@ -47,7 +47,8 @@ def test_siglip_pair_losses_on_hand_computed_cases() -> None:
     assert losses[0, 1].item() == pytest.approx(-math.log(1 / (1 + math.exp(-8.7))))
     # a positive: a_1 . b_1 = 0.06 + 0.27 = 0.33; logit = -6.7; z = +1
     assert losses[1, 1].item() == pytest.approx(-math.log(1 / (1 + math.exp(6.7))))
-    assert losses.dtype == torch.float32 and siglip_pair_losses(a.bfloat16(), b.bfloat16(), 10.0, -10.0).dtype == torch.float32
+    assert losses.dtype == torch.float32
+    assert siglip_pair_losses(a.bfloat16(), b.bfloat16(), 10.0, -10.0).dtype == torch.float32
 
 
 def test_siglip_pair_losses_refuses_mismatched_towers() -> None:
@@ -164,7 +165,8 @@ def test_conditional_logit_is_the_change_in_batch_score() -> None:
         logits = conditional_logits(scores, selected)
         for k in range(9):
             if k not in members:
-                assert logits[k].item() == pytest.approx(batch_score(scores, members + [k]) - batch_score(scores, members))
+                gain = batch_score(scores, members + [k]) - batch_score(scores, members)
+                assert logits[k].item() == pytest.approx(gain)
 
 
 def test_the_sampler_draws_each_chunk_from_the_conditional_logits() -> None:
@@ -187,7 +189,9 @@ def test_the_sampler_draws_each_chunk_from_the_conditional_logits() -> None:
 # -- the blocked sampler ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "batch", "n_chunks"), [(40, 8, 4), (320, 64, 16), (50, 50, 5), (10, 1, 1), (33, 16, 16)])
+@pytest.mark.parametrize(
+    ("size", "batch", "n_chunks"), [(40, 8, 4), (320, 64, 16), (50, 50, 5), (10, 1, 1), (33, 16, 16)]
+)
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e6])
 def test_the_sampler_draws_exactly_b_distinct_indices(size: int, batch: int, n_chunks: int, scale: float) -> None:
     for seed in range(3):
@@ -202,7 +206,8 @@ def test_the_sampler_draws_exactly_b_distinct_indices(size: int, batch: int, n_c
 
 
 def test_b_not_divisible_by_n_chunks_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"b = 60 is not divisible by n_chunks = 16.*divisor of 60 \(nearest: 15 or 20\).*multiple of 16"):
+    message = r"b = 60 is not divisible by n_chunks = 16.*divisor of 60 \(nearest: 15 or 20\).*multiple of 16"
+    with pytest.raises(ValueError, match=message):
         joint_sample(torch.zeros(300, 300), 60, n_chunks=16, generator=gen(0))
     with pytest.raises(ValueError, match=r"batch_size must be in \[1, B = 8\]"):
         joint_sample(torch.zeros(8, 8), 16, n_chunks=16, generator=gen(0))
@@ -262,8 +267,9 @@ def test_joint_selection_raises_the_batch_score_over_uniform() -> None:
 
 def test_the_draw_is_reproducible_and_resumes_from_the_generator_state() -> None:
     scores = torch.randn(64, 64, generator=gen(5))
-    assert torch.equal(joint_sample(scores, 16, n_chunks=4, generator=gen(9)), joint_sample(scores, 16, n_chunks=4, generator=gen(9)))
-    assert not torch.equal(joint_sample(scores, 16, n_chunks=4, generator=gen(9)), joint_sample(scores, 16, n_chunks=4, generator=gen(10)))
+    first = joint_sample(scores, 16, n_chunks=4, generator=gen(9))
+    assert torch.equal(first, joint_sample(scores, 16, n_chunks=4, generator=gen(9)))
+    assert not torch.equal(first, joint_sample(scores, 16, n_chunks=4, generator=gen(10)))
     g = gen(3)
     joint_sample(scores, 16, n_chunks=4, generator=g)            # step 1
     state = g.get_state()                                       # checkpoint
