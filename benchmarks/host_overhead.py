@@ -56,9 +56,18 @@ class PassThrough(Plugin):
     """Implements every hook and changes nothing."""
 
     name = "pass_through"
+    allow_multiple = True
 
     @hookimpl
     def batchkit_setup(self, host: Any) -> None: ...
+    @hookimpl
+    def batchkit_prepare_data(self, dataset: Any) -> None: ...
+    @hookimpl
+    def batchkit_fit_start(self, ctx: Any) -> None: ...
+    @hookimpl
+    def batchkit_plan_total_steps(self, total_steps: Any) -> None: ...
+    @hookimpl
+    def batchkit_before_forward(self, batch: Any) -> None: ...
     @hookimpl
     def batchkit_epoch_start(self, epoch: int) -> None: ...
     @hookimpl
@@ -121,10 +130,7 @@ def run(side: str, data: TensorDataset, epochs: int, hidden: int, batch_size: in
     if side == "empty":
         callbacks.insert(0, EmptyCallback())
     if side == "batchkit":
-        plugins = [PassThrough() for _ in range(3)]
-        for i, p in enumerate(plugins):
-            p._instance_name = f"pass{i}"
-        kit = BatchKitCallback(plugins)
+        kit = BatchKitCallback({f"pass{i}": PassThrough() for i in range(3)})
         callbacks.insert(0, kit)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,

@@ -1,4 +1,4 @@
-"""Test helpers: recording plugins, an indexed dataset and a tiny module.
+"""Test helpers: a recording plugin (the dataset, module and trainer come from batchkit.testing).
 
 Importable both from pytest and from the standalone multi-process job (tests/dist_job.py).
 """
@@ -7,42 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from batchkit import Plugin
 from batchkit import hookimpl
 from batchkit.testing import IndexedDataset  # noqa: F401 - re-exported for the tests
+from batchkit.testing import TinyModule  # noqa: F401 - re-exported for the tests
 
-
-
-class TinyModule(pl.LightningModule):
-    """A two-layer MLP on IndexedDataset batches; ignores the index."""
-
-    def __init__(self, dim: int = 8, classes: int = 3, lr: float = 0.05, batch_norm: bool = False) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(dim, 16)]
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(16))
-        layers += [nn.ReLU(), nn.Linear(16, classes)]
-        self.net = nn.Sequential(*layers)
-        self.lr = lr
-        self.seen: list[list[int]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, idx = batch
-        self.seen.append([int(i) for i in idx])
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 def summarize(value: Any) -> Any:

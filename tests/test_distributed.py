@@ -7,14 +7,12 @@ epoch, and optimizer-step boundaries under gradient accumulation.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from batchkit.testing import launch as launch_job
 from batchkit.testing import run_two_ranks
 
 pytestmark = pytest.mark.multiprocess
@@ -23,17 +21,11 @@ JOB = Path(__file__).parent / "dist_job.py"
 
 
 def launch(tmp_path: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(JOB), "--out", str(tmp_path), *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
-    )
+    return launch_job(JOB, tmp_path, *args, timeout=timeout)
 
 
 def run_job(tmp_path: Path, *args: str) -> list[dict]:
-    proc = launch(tmp_path, *args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks(JOB, tmp_path, *args)
 
 
 def check_shards(ranks: list[dict], n: int = 90, batches_per_epoch: int = 6, epochs: int = 2) -> None:

@@ -21,15 +21,7 @@ from batchkit import PluginError
 from batchkit import hookimpl
 from batchkit.lightning import BatchKitCallback
 from batchkit.testing import FailAtStep
-
-
-def make_trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+from batchkit.testing import make_trainer
 
 
 class EvenBatchesOnly(Plugin):

@@ -4,14 +4,11 @@ top-k of the rank-averaged last-seen losses; under DDP a mid-round resume reprod
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from batchkit.testing import run_two_ranks
 from batchkit_hard_samples import top_delta_batches
 
 pytestmark = pytest.mark.multiprocess
@@ -21,11 +18,7 @@ M, K, EPOCHS = 8, 4, 3
 
 
 def run_job(tmp_path: Path, *args: str) -> list[dict]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path), *args], env=env,
-                          capture_output=True, text=True, timeout=400, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks(JOB, tmp_path, *args)
 
 
 def check_identical_selection(ranks: list[dict]) -> None:
