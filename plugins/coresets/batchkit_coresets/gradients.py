@@ -110,14 +110,20 @@ def directional_derivatives(loss_fn: LossFn, module: nn.Module, batch: Any, para
     with eval_mode(module):
         try:
             theta.copy_(saved + eps * z)                  # θ + εz
-            loss_plus = loss_fn(module, batch).float()    # L_i(θ + εz)
-            theta.copy_(saved - eps * z)                  # θ − εz
-            loss_minus = loss_fn(module, batch).float()   # L_i(θ − εz)
+            loss_plus = _at_least_float32(loss_fn(module, batch))    # L_i(θ + εz)
+            theta.copy_(saved - eps * z)                             # θ − εz
+            loss_minus = _at_least_float32(loss_fn(module, batch))   # L_i(θ − εz)
         finally:
             theta.copy_(saved)                            # θ exactly as it was
     if loss_plus.dim() != 1:
         raise ValueError(f"colm: the per-example loss must have shape [n], got {tuple(loss_plus.shape)}")
-    return (loss_plus - loss_minus) / (2 * eps)
+    return ((loss_plus - loss_minus) / (2 * eps)).float()
+
+
+def _at_least_float32(loss: torch.Tensor) -> torch.Tensor:
+    """The losses in float32, or float64 if they are: the difference of two nearby losses loses
+    the leading digits, so it is taken in at least single precision."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
 
 def zeroth_order(loss_fn: LossFn, module: nn.Module, batch: Any, param_name: str, z: torch.Tensor,
