@@ -57,11 +57,13 @@ class AdamNormalizer:
         m_prev = zeros if self.m_prev is None else self.m_prev.to(g.device)
         v_prev = zeros if self.v_prev is None else self.v_prev.to(g.device)
         b1, b2 = self.beta1, self.beta2
-        m = b1 * m_prev + (1 - b1) * g                      # m_i
-        v = b2 * v_prev + (1 - b2) * g.square()             # v_i
-        m_hat = m / (1 - b1 ** (self.t + 1))                # bias corrections with the step t
-        v_hat = v / (1 - b2 ** (self.t + 1))
-        u = m_hat / (v_hat.sqrt() + self.eps)               # u_i
+        # in place where it is safe: three [n, d] results and no [n, d] temporaries, since at small
+        # models these arrays, not the network, dominate the selection pass's memory
+        m = g.mul(1 - b1).add_(m_prev, alpha=b1)                        # m_i = β1 m_prev + (1 − β1) g_i
+        v = g.mul(g).mul_(1 - b2).add_(v_prev, alpha=b2)                 # v_i = β2 v_prev + (1 − β2) g_i²
+        bias1, bias2 = 1 - b1 ** (self.t + 1), 1 - b2 ** (self.t + 1)   # bias corrections with the step t
+        u = v.div(bias2).sqrt_().add_(self.eps)                         # sqrt(v̂_i) + eps,  v̂_i = v_i / bias2
+        u = u.reciprocal_().mul_(m).div_(bias1)                         # u_i = m̂_i / (sqrt(v̂_i) + eps)
         return u, m, v
 
     def update(self, m_selected: torch.Tensor, v_selected: torch.Tensor) -> None:

@@ -70,8 +70,15 @@ def test_small_source_mask() -> None:
 
 def test_top_dims() -> None:
     u = torch.tensor([[1.0, -3.0, 2.0, 0.0], [1.0, -1.0, -2.0, 0.0]])  # |mean| = [1, 2, 0, 0]
-    assert top_dims(u, 2).tolist() == [1, 0]
-    assert top_dims(u, 3).tolist() == [1, 0, 2]  # tie at 0: the lower coordinate
+    assert top_dims(u, 1).tolist() == [1]
+    assert top_dims(u, 2).tolist() == [0, 1]
+    assert top_dims(u, 3).tolist() == [0, 1, 2]  # tie at 0: the lower coordinate
+    v = torch.tensor([[0.0, 5.0, 1.0, 5.0, 1.0, 1.0, 0.0]])
+    assert top_dims(v, 4).tolist() == [1, 2, 3, 4]  # ties at the cut (1.0): coordinates 2 and 4 of 2, 4, 5
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 300, generator=gen)
+    expected = torch.sort(w.mean(0).abs(), descending=True, stable=True).indices[:40].sort().values
+    assert torch.equal(top_dims(w, 40), expected)
     assert top_dims(u, None).tolist() == [0, 1, 2, 3]
     assert top_dims(u, 10).tolist() == [0, 1, 2, 3]
 
