@@ -207,7 +207,8 @@ def quality(train: Any, val: dict, b: int, steps: int, seeds: list[int]) -> dict
             start = time.perf_counter()
             trainer.fit(model, train_loader, val_loader)
             final = curves.points[-1]
-            runs[method][str(seed)] = {"fit_seconds": time.perf_counter() - start, "final": final, "curve": curves.points}
+            runs[method][str(seed)] = {"fit_seconds": time.perf_counter() - start, "final": final,
+                                       "curve": curves.points}
             print(f"  seed {seed} {method:9s} mean {final['val_loss/mean']:.4f} worst {final['val_loss/worst']:.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     return runs

@@ -12,14 +12,14 @@ example; nothing of it is copied here.
 ``val_block`` consecutive windows and every ``val_every``-th block is held out: every source,
 however few files it has, gets a validation set spread over its text, and no validation byte is in
 a training window. (The MoE example holds out whole documents; several small sources here have only
-2-5 files, so that would leave them with no validation text or none for training.)
+2-7 files, so that would leave them with no validation text or none for training.)
 
 **Batches** are dicts: ``tokens`` ``[B, seq_len + 1]`` int64 and ``source`` ``[B]`` int64, the index
 of the window's source in ``sources`` (:data:`SOURCE_KEY`; what CoLM's plugin reads).
 
 **Model.** :class:`DenseLanguageModel` is the MoE example's transformer (its pre-norm ``Block``:
-causal attention, then the feed-forward; its embedding, head, loss and optimizer) with a dense
-GELU feed-forward in place of the mixture of experts. It provides ``per_sample_loss(batch)`` and
+causal attention, then the feed-forward; its forward pass, and AdamW with warm-up and cosine decay)
+with a dense GELU feed-forward in place of the mixture of experts. It provides ``per_sample_loss(batch)`` and
 logs the validation loss per source (``val_loss/<source>``), their mean over sources
 (``val_loss/mean``) and the worst source (``val_loss/worst``).
 """
@@ -145,7 +145,8 @@ class TextMixtureDataModule(pl.LightningDataModule):
         self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set, self.val_sets = mixture_datasets(self.sources, self.seq_len, self.max_val_windows, seed=self.seed)
+        self.train_set, self.val_sets = mixture_datasets(self.sources, self.seq_len, self.max_val_windows,
+                                                         seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,

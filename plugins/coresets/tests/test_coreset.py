@@ -170,7 +170,8 @@ def mixture(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_small_sources_whole_and_proportional_rest() -> None:
     grads, sources = mixture()
-    chosen = select_coreset(grads, sources, 10, small_sources=[2], small_threshold=2, normalizer=AdamNormalizer(), dims=4)
+    chosen = select_coreset(grads, sources, 10, small_sources=[2], small_threshold=2, normalizer=AdamNormalizer(),
+                            dims=4)
     assert len(chosen) == 10 and chosen.unique().numel() == 10 and torch.equal(chosen, chosen.sort().values)
     picked = sources[chosen]
     # kept whole: source 2 (listed) and 3 (2 examples <= threshold); rest k_R = 6 over [10, 6]:

@@ -15,7 +15,8 @@ class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(10, 4)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"v_proj": nn.Linear(4, 4), "mlp": nn.Linear(4, 4)}) for _ in range(2))
+        self.blocks = nn.ModuleList(nn.ModuleDict({"v_proj": nn.Linear(4, 4), "mlp": nn.Linear(4, 4)})
+                                    for _ in range(2))
         self.head = nn.Linear(4, 10, bias=False)
 
 
@@ -58,7 +59,8 @@ def test_several_matches_are_listed() -> None:
     with pytest.raises(ValueError) as err:
         resolve_parameter(Tiny(), r"blocks\.\d\.v_proj\.weight")
     message = str(err.value)
-    assert "matches 2 parameters" in message and "blocks.0.v_proj.weight" in message and "blocks.1.v_proj.weight" in message
+    assert "matches 2 parameters" in message
+    assert "blocks.0.v_proj.weight" in message and "blocks.1.v_proj.weight" in message
     assert "exactly one" in message
 
 
