@@ -120,7 +120,7 @@ class SuperBatchPlan:
 class BatchKitContext:
     """Where training stands, handed to hooks as ``ctx``. The host updates it in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, **fields: Any) -> None:
         self.trainer: Any = None
         self.module: Any = None
         #: Lightning's trainer function: ``"fit"``, ``"validate"``, ...
@@ -147,6 +147,10 @@ class BatchKitContext:
         self.batch_spec: BatchSpec = BatchSpec()
         #: the metadata the batch sampler attached to the batch being trained (empty for plain lists)
         self.batch_meta: Mapping[str, Any] = {}
+        for name, value in fields.items():  # BatchKitContext(rank=1, global_step=5, ...) for tests and tools
+            if not hasattr(self, name):
+                raise TypeError(f"BatchKitContext has no field {name!r}")
+            setattr(self, name, value)
 
     # The common counters are views of train_progress, so there is one record of each.
     @property

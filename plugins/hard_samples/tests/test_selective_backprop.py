@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from batchkit import Plugin
 from batchkit import PluginError
 from batchkit import hookimpl
+from batchkit.batch import BatchSpec
 from batchkit.host import BatchKitContext
 from batchkit.lightning import BatchKitCallback
 from batchkit_hard_samples import SelectiveBackprop
@@ -107,8 +108,8 @@ class ScoredNet(nn.Module):
         return x[:, 0]  # the score: the first feature
 
 
-def ctx_at(progress: float = 0.6, batch_idx: int = 0) -> BatchKitContext:
-    ctx = BatchKitContext(total_steps=100)
+def ctx_at(progress: float = 0.6, batch_idx: int = 0, spec: BatchSpec | None = None) -> BatchKitContext:
+    ctx = BatchKitContext(total_steps=100, batch_spec=spec or BatchSpec())
     ctx.global_step = int(progress * 100)
     ctx.batch_idx = batch_idx
     return ctx
@@ -142,11 +143,13 @@ def test_tuple_list_dict_and_named_tuple_batches() -> None:
     plugin = SelectiveBackprop(keep=0.5, method="top_k", start=0.0, end=1.0, interrupt=0)
     x, y = scored_batch(), torch.arange(6)
     names = ["a", "b", "c", "d", "e", "f"]
-    weight = torch.tensor([1.0, 2.0])  # not per sample: passed through
+    weight = torch.tensor([1.0, 2.0])  # not per sample: declared shared, passed through
 
     out = plugin.batchkit_transform_batch((x, y), model, ctx_at())
     assert isinstance(out, tuple) and out[1].tolist() == [1, 3, 5] and torch.equal(out[0], x[[1, 3, 5]])
-    out = plugin.batchkit_transform_batch([x, y, names, weight], model, ctx_at())
+    with pytest.raises(PluginError, match="different lengths .*'3': 2"):  # the host does not guess
+        plugin.batchkit_transform_batch([x, y, names, weight], model, ctx_at())
+    out = plugin.batchkit_transform_batch([x, y, names, weight], model, ctx_at(spec=BatchSpec(shared=["3"])))
     assert isinstance(out, list) and out[2] == ["b", "d", "f"] and torch.equal(out[3], weight)
     out = plugin.batchkit_transform_batch({"x": x, "labels": y, "meta": {"id": y * 10}}, model, ctx_at())
     assert isinstance(out, dict) and out["labels"].tolist() == [1, 3, 5] and out["meta"]["id"].tolist() == [10, 30, 50]
