@@ -140,6 +140,9 @@ class BatchKitContext:
         self.max_steps: int = -1
         self.max_epochs: int | None = None
         self.log_every_n_steps: int = 50
+        #: whether the Trainer logs the optimizer step in progress (from the batch stage to
+        #: ``batchkit_step_end``): plugins that produce a figure every step log it only then
+        self.logs_this_step: bool = False
         self.train_progress = TrainProgress()
         #: how many samples a micro-batch loads and keeps (``None`` before the loader is built)
         self.super_batch: SuperBatchPlan | None = None

@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from batchkit import _compat
+from batchkit import dist
 from batchkit.batch import BatchSpec
 from batchkit.cache import ArtifactCache
 from batchkit.config import batch_spec_entry
@@ -339,6 +340,8 @@ class BatchKitCallback(Callback):
         ctx.batch_idx = batch_idx
         ctx.is_last_micro_batch = _compat.ends_optimizer_step(trainer, batch_idx)
         ctx.micro_step = batch_idx % ctx.accumulate_grad_batches
+        if ctx.micro_step == 0:  # Lightning's rule: it logs the steps whose 1-based count is a multiple of n
+            ctx.logs_this_step = (ctx.global_step + 1) % max(1, ctx.log_every_n_steps) == 0
         if len(self._loaders) == 1:
             ctx.batch_meta = self._loaders[0].resumable.pop_meta()
 
@@ -357,23 +360,36 @@ class BatchKitCallback(Callback):
         if ctx.is_last_micro_batch:
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
-        self._flush_metrics(pl_module, per_step=True)
+        self._flush_metrics(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)
-        self._flush_metrics(pl_module, per_step=False)
+        self._flush_metrics(trainer)
         reasons = self.host.pop_rebuild_request()
         if reasons and self._reload_setting is None:
             self._reload_setting = _compat.reload_train_loader_before_next_epoch(trainer)
 
-    def _flush_metrics(self, pl_module: LightningModule, per_step: bool) -> None:
-        """Hand plugin metrics to the Trainer's loggers (all of them: CSV, wandb, ...)."""
+    def _flush_metrics(self, trainer: Trainer) -> None:
+        """Write what plugins logged since the last flush to every Trainer logger (CSV, wandb, ...)
+        at the current optimizer step, once: a value logged once appears once. Values logged with
+        ``reduce`` are combined across ranks first (one all-reduce per reduction, every rank takes
+        part); the others are rank 0's. Plugins that produce a value every step log it only when
+        ``ctx.logs_this_step``, so the Trainer's ``log_every_n_steps`` applies to them too."""
         metrics = self.host.pop_metrics()
-        for key, (value, reduce) in metrics.items():
-            pl_module.log(
-                f"batchkit/{key}", value, on_step=per_step, on_epoch=not per_step,
-                sync_dist=reduce is not None, reduce_fx=reduce or "mean",
-            )
+        if not metrics:
+            return
+        values: dict[str, float] = {}
+        for op in ("mean", "sum", "max", "min"):
+            keys = [k for k, (_, reduce) in metrics.items() if reduce == op]
+            if keys:
+                packed = torch.tensor([float(metrics[k][0]) for k in keys], dtype=torch.float64)
+                values.update(zip(keys, dist.all_reduce(packed, op).tolist()))
+        values.update({k: float(v) for k, (v, reduce) in metrics.items() if reduce is None})
+        if trainer.is_global_zero:
+            named = {f"batchkit/{k}": v for k, v in values.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(named, step=self.host.ctx.global_step)
+                logger.save()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fit_started is not None:

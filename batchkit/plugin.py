@@ -73,12 +73,13 @@ class Plugin:
         return self._instance_name or kind_of(self)
 
     def log(self, key: str, value: Any, reduce: str | None = None) -> None:
-        """Record a metric; the host sends it to the Trainer's loggers as
-        ``batchkit/<instance name>/<key>`` at the end of the current training batch (or epoch, from
-        an epoch hook). ``value`` may be a tensor: it is not copied to the host here. With
-        ``reduce`` (``"mean"``, ``"sum"``, ``"max"``, ``"min"``) the value is reduced across ranks
-        when it is logged, for figures that describe the global batch; without, each rank logs its
-        own and rank 0's is what the loggers write."""
+        """Record a metric; the host writes it to the Trainer's loggers as
+        ``batchkit/<instance name>/<key>``, once, at the optimizer step in progress (at the end of
+        the current training batch, or of the epoch from an epoch hook). ``value`` may be a tensor:
+        it is not copied to the host here. With ``reduce`` (``"mean"``, ``"sum"``, ``"max"``,
+        ``"min"``) the value is reduced across ranks first, for figures that describe the global
+        batch (log such keys on every rank at the same step); without, rank 0's value is written. A
+        figure produced every step should be logged only when ``ctx.logs_this_step``."""
         if self._host is not None:
             self._host.log(f"{self.instance_name}/{key}", value, reduce)
 

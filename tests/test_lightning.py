@@ -333,3 +333,29 @@ def test_resume_with_a_different_plugin_list_is_refused(tmp_path: Path) -> None:
     module, trainer = _resume_run(tmp_path / "b", [])
     with pytest.raises(PluginError, match=r"not registered: \['recorder'\]"):
         trainer.fit(module, DataLoader(IndexedDataset(n=16), batch_size=8), ckpt_path=sorted((tmp_path / "ckpt").glob("*.ckpt"))[0])
+
+
+class OneOff(Plugin):
+    """Logs a one-off value at step 3 and a per-step value on the steps the Trainer logs."""
+
+    name = "one_off"
+
+    @hookimpl
+    def batchkit_step_end(self, ctx: Any) -> None:
+        if ctx.global_step == 3:
+            self.log("event", 7.0)
+        if ctx.logs_this_step:
+            self.log("every_logged_step", float(ctx.global_step))
+
+
+def test_plugin_metrics_are_written_once_at_their_step_and_follow_the_logging_cadence(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path / "csv")
+    trainer = make_trainer(tmp_path, [BatchKitCallback([OneOff()])], max_epochs=2, logger=logger, log_every_n_steps=2)
+    trainer.fit(TinyModule(), DataLoader(IndexedDataset(n=40), batch_size=8))  # 5 steps per epoch
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    events = [(int(r["step"]), float(r["batchkit/one_off/event"])) for r in rows if r.get("batchkit/one_off/event")]
+    assert events == [(3, 7.0)]  # once, at the step it belongs to (it used to repeat on every logged step)
+    cadence = [float(r["batchkit/one_off/every_logged_step"]) for r in rows if r.get("batchkit/one_off/every_logged_step")]
+    assert cadence == [2.0, 4.0, 6.0, 8.0, 10.0]

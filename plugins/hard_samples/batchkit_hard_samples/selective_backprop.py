@@ -191,5 +191,5 @@ class SelectiveBackprop(Plugin):
     @hookimpl
     def batchkit_epoch_end(self) -> None:
         if self.scored_samples:
-            self.log("kept_fraction", self.kept_samples / self.scored_samples)
-            self.log("selected_batches", self.selected_batches)
+            self.log("kept_fraction", self.kept_samples / self.scored_samples, reduce="mean")
+            self.log("selected_batches", self.selected_batches, reduce="mean")
