@@ -23,8 +23,10 @@ and gives each submodule back its own training flag afterwards. ``scoring="train
 module's current mode, as Composer does, but saves every BatchNorm running mean, variance and
 batch counter first and puts them back afterwards, so the running statistics are untouched.
 
-**Randomness.** The draw for a batch comes from a generator seeded with (seed, rank, global step,
-batch index): nothing to checkpoint, and a resumed run draws exactly what the uninterrupted one did.
+**Randomness and state.** The draw for a batch comes from a generator seeded with (seed, rank,
+global step, batch index): nothing to checkpoint, and a resumed run draws exactly what the
+uninterrupted one did. The counters behind the metrics (batches selected, samples kept and scored)
+are checkpointed, so after a resume they continue from the saved values.
 """
 
 from __future__ import annotations
@@ -224,3 +226,19 @@ class SelectiveBackprop(Plugin):
         if self.scored_samples:
             self.log("kept_fraction", self.kept_samples / self.scored_samples)
             self.log("selected_batches", self.selected_batches)
+
+    # -- state: the draws need none (seeded per batch), the counters behind the metrics do ------
+
+    @hookimpl
+    def batchkit_state_dict(self) -> dict[str, Any]:
+        return {
+            "selected_batches": self.selected_batches,
+            "kept_samples": self.kept_samples,
+            "scored_samples": self.scored_samples,
+        }
+
+    @hookimpl
+    def batchkit_load_state_dict(self, state: dict[str, Any]) -> None:
+        self.selected_batches = int(state["selected_batches"])
+        self.kept_samples = int(state["kept_samples"])
+        self.scored_samples = int(state["scored_samples"])
