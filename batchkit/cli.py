@@ -26,10 +26,13 @@ command exits with status 2 (the status jsonargparse uses for bad arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+from typing import Iterator
 
 from batchkit.config import apply_overrides
 from batchkit.config import available_plugins
@@ -271,6 +274,20 @@ def chain_table(host: Any, title: str) -> Any:
     return table
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up notes ("Seed set", "GPU available") are noise in a dry run's report."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def dry_run(config: str, args: list[str]) -> tuple[Any, list[str]]:
     """Check ``config`` (with ``args``: overrides, and LightningCLI flags for a fit config) as far as
     possible without training. Returns the plugin host and a report; raises the first error."""
@@ -279,7 +296,8 @@ def dry_run(config: str, args: list[str]) -> tuple[Any, list[str]]:
 
     cfg = load_config(config)  # a clear error for a missing file
     if "model" in cfg:
-        cli = run_fit_cli(["fit", "--config", config, *args], dry_run=True)
+        with _quiet_lightning():
+            cli = run_fit_cli(["fit", "--config", config, *args], dry_run=True)
         callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, BatchKitCallback))
         report = [f"{len(callback.host.plugins)} plugin(s) built, no declared conflicts", *cli.dry_run_report]
         return callback.host, report
