@@ -182,6 +182,22 @@ class SelectiveBackprop(Plugin):
                 "or use start: 0 and end: 1"
             )
 
+    # -- state: the draws need none (seeded per batch), the counters behind the metrics do ------
+
+    @hookimpl
+    def batchkit_state_dict(self) -> dict[str, Any]:
+        return {
+            "selected_batches": self.selected_batches,
+            "kept_samples": self.kept_samples,
+            "scored_samples": self.scored_samples,
+        }
+
+    @hookimpl
+    def batchkit_load_state_dict(self, state: dict[str, Any]) -> None:
+        self.selected_batches = int(state["selected_batches"])
+        self.kept_samples = int(state["kept_samples"])
+        self.scored_samples = int(state["scored_samples"])
+
     def _draw(self, num_samples: int, keep_count: int, rank: int, step: int, batch_idx: int) -> torch.Tensor:
         """``keep_count`` distinct ranks (0 = lowest loss), drawn by P(rank) without replacement."""
         p = self._probabilities.get(num_samples)
@@ -226,19 +242,3 @@ class SelectiveBackprop(Plugin):
         if self.scored_samples:
             self.log("kept_fraction", self.kept_samples / self.scored_samples)
             self.log("selected_batches", self.selected_batches)
-
-    # -- state: the draws need none (seeded per batch), the counters behind the metrics do ------
-
-    @hookimpl
-    def batchkit_state_dict(self) -> dict[str, Any]:
-        return {
-            "selected_batches": self.selected_batches,
-            "kept_samples": self.kept_samples,
-            "scored_samples": self.scored_samples,
-        }
-
-    @hookimpl
-    def batchkit_load_state_dict(self, state: dict[str, Any]) -> None:
-        self.selected_batches = int(state["selected_batches"])
-        self.kept_samples = int(state["kept_samples"])
-        self.scored_samples = int(state["scored_samples"])
