@@ -40,8 +40,8 @@ from batchkit.errors import PluginError
 
 ENTRY_POINT_GROUP = "batchkit.plugins"
 RESERVED_KEYS = ("plugin", "enabled", "order")
-#: Keys of the ``batchkit`` section itself.
-SECTION_KEYS = ("plugins",)
+#: Keys of the ``batchkit`` section itself (``batch_spec``: see :mod:`batchkit.batch`).
+SECTION_KEYS = ("plugins", "batch_spec")
 #: Strings read as booleans in ``enabled`` (the YAML 1.1 spellings jsonargparse also reads for
 #: boolean plugin options), compared in lower case.
 _TRUE_STRINGS = ("true", "yes", "on")
@@ -170,8 +170,8 @@ def plugin_entries(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     if unknown:
         hints = [f"{k!r}{_did_you_mean(str(k), SECTION_KEYS)}" for k in unknown]
         raise ConfigError(
-            f"batchkit: unknown key {', '.join(hints)} in the `batchkit` section; it holds only "
-            "`plugins` (e.g. batchkit.plugins.mix.alpha=0.4)"
+            f"batchkit: unknown key {', '.join(hints)} in the `batchkit` section; it holds "
+            f"{' and '.join(f'`{k}`' for k in SECTION_KEYS)} (e.g. batchkit.plugins.mix.alpha=0.4)"
         )
     return dict(section.get("plugins") or {})
 
