@@ -100,7 +100,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         elif arg.startswith("--batchkit."):
             body = arg[2:]
             if "=" not in body:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise ConfigError(f"batchkit: {arg} needs a value: {arg}=VALUE (or {arg} VALUE)")
                 i += 1
                 body = f"{body}={argv[i]}"

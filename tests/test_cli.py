@@ -91,8 +91,9 @@ def test_a_run_uses_and_saves_the_overridden_list_and_repeats_from_its_saved_con
     assert yaml.safe_load(out)["batchkit"]["plugins"] == expected
 
 
-def test_a_flag_override_without_a_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run(["fit", "--config", str(DEMO), "--batchkit.plugins.mix.alpha"], capsys)
+@pytest.mark.parametrize("after", [[], ["--print_config"]])
+def test_a_flag_override_without_a_value_is_refused(capsys: pytest.CaptureFixture[str], after: list[str]) -> None:
+    rc, _, err = run(["fit", "--config", str(DEMO), "--batchkit.plugins.mix.alpha", *after], capsys)
     assert rc == 2
     assert err.strip() == "error: batchkit: --batchkit.plugins.mix.alpha needs a value: --batchkit.plugins.mix.alpha=VALUE (or --batchkit.plugins.mix.alpha VALUE)"
 

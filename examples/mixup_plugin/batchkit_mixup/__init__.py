@@ -57,8 +57,9 @@ class MixupPlugin(Plugin):
                 "put mixup only on classification data loaders"
             )
         x, y = batch
-        if not (x.dtype.is_floating_point or x.dtype.is_complex):
-            # A mix of two token ids is no token id: the embedding would fail far from here.
+        if x.dtype in (torch.int16, torch.int32, torch.int64):
+            # A mix of two token ids is no token id: the embedding would fail far from here. (uint8
+            # images pass: a model that scales them itself takes the mixed values as they are.)
             raise PluginError(
                 f"mixup (entry {self.instance_name!r}): the inputs are a {x.dtype} tensor of shape "
                 f"{tuple(x.shape)} (token ids or class indices?), and mixing them gives fractional values "
