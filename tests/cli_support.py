@@ -72,3 +72,12 @@ class SetupRefuser(Plugin):
             raise PluginError("setup_refuser: the wrapped refusal")
         except PluginError as exc:
             raise RuntimeError("a wrapper around the plugin's error") from exc
+
+
+class RefusingModule(ClassifierModule):
+    """A module whose constructor refuses with a :class:`PluginError`: jsonargparse hands it on as
+    the cause of its own ``ValueError`` when LightningCLI instantiates the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        raise PluginError("refusing_module: refused in __init__")

@@ -233,8 +233,10 @@ def refuser_installed(tmp_path: Path):
         # a config error
         ("mix: {plugin: mixup, enable: false}", "{class_path: cli_support.ClassifierModule}",
          "error: batchkit: entry 'mix' (plugin 'mixup'): unknown option 'enable' (did you mean the reserved key 'enabled'?)"),
+        # a PluginError raised while LightningCLI instantiates the model (jsonargparse wraps it)
+        ("mix: {plugin: mixup}", "{class_path: cli_support.RefusingModule}", "error: refusing_module: refused in __init__"),
     ],
-    ids=["value-error", "wrapped", "plugin-error", "config-error"],
+    ids=["value-error", "wrapped", "plugin-error", "config-error", "wrapped-by-jsonargparse"],
 )
 def test_every_setup_error_ends_the_command_the_same_way(tmp_path: Path, capsys: pytest.CaptureFixture[str], refuser_installed: None,
                                                          plugins: str, model: str, message: str) -> None:
