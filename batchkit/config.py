@@ -9,9 +9,13 @@ the command line (``batchkit.plugins.mix.alpha=0.5``, ``batchkit.plugins.mix.ena
         hard: {plugin: hard_batches, delta: 0.5, order: -10}
 
 Reserved keys in an entry: ``plugin`` (the registered name, required), ``enabled`` (default true)
-and ``order`` (overrides the plugin's declared order). Every other key is a constructor option,
-checked against the plugin's signature and type annotations before training starts. YAML can only
-name plugins registered in the ``batchkit.plugins`` entry-point group, never an import path.
+and ``order`` (overrides the plugin's declared order). They are type-checked: ``enabled`` takes a
+boolean or one of the strings YAML reads as one (``'true'``/``'false'``, ``'yes'``/``'no'``,
+``'on'``/``'off'``, any case: what ``${oc.env:VAR}`` gives), ``order`` an integer (or a string of
+one), ``plugin`` a name; anything else is refused, and a key close to a reserved one (``enable``) gets
+a "did you mean". Every other key is a constructor option, checked against the plugin's signature
+and type annotations before training starts. YAML can only name plugins registered in the
+``batchkit.plugins`` entry-point group, never an import path.
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ from batchkit.errors import PluginError
 
 ENTRY_POINT_GROUP = "batchkit.plugins"
 RESERVED_KEYS = ("plugin", "enabled", "order")
+#: Keys of the ``batchkit`` section itself (``batch_spec``: see :mod:`batchkit.batch`).
+SECTION_KEYS = ("plugins", "batch_spec")
+#: Strings read as booleans in ``enabled`` (the YAML 1.1 spellings jsonargparse also reads for
+#: boolean plugin options), compared in lower case.
+_TRUE_STRINGS = ("true", "yes", "on")
+_FALSE_STRINGS = ("false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -117,14 +127,37 @@ def load_config(source: str | Path | Mapping[str, Any] | DictConfig, overrides: 
     else:
         cfg = OmegaConf.create(dict(source) if not isinstance(source, DictConfig) else source)
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = apply_overrides(cfg, overrides)
     return cfg  # type: ignore[return-value]
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Merge OmegaConf dotlist overrides (``batchkit.plugins.mix.alpha=0.4``) into ``cfg``.
+
+    Values are read as YAML (``0.4``, ``false``, ``[0.9, 0.95]``, ``{plugin: mixup}``, ``null``);
+    interpolations such as ``${oc.env:VAR}`` are kept for the plugin list to resolve.
+    """
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(
+                f"batchkit: override {override!r} has no value; write KEY=VALUE, e.g. batchkit.plugins.mix.alpha=0.4"
+            )
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))  # type: ignore[assignment]
+        except Exception as exc:  # omegaconf's errors: a value that cannot go where the key points
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"batchkit: cannot apply the override {override!r}: {detail}") from None
+    return cfg
 
 
 def plugin_entries(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     """The ``batchkit.plugins`` mapping of a loaded config, as plain Python containers."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        except Exception as exc:  # an interpolation that cannot be resolved (an unset ${oc.env:VAR})
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"batchkit: the plugin list cannot be read: {detail}") from None
     section = cfg.get("batchkit", {}) if isinstance(cfg, Mapping) else {}
     if section is None:
         return {}
@@ -132,6 +165,13 @@ def plugin_entries(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
         raise ConfigError(
             "batchkit: `batchkit.plugins` must be a mapping of named entries, e.g.\n"
             "batchkit:\n  plugins:\n    mix: {plugin: mixup, alpha: 0.2}"
+        )
+    unknown = [k for k in section if k not in SECTION_KEYS]
+    if unknown:
+        hints = [f"{k!r}{_did_you_mean(str(k), SECTION_KEYS)}" for k in unknown]
+        raise ConfigError(
+            f"batchkit: unknown key {', '.join(hints)} in the `batchkit` section; it holds "
+            f"{' and '.join(f'`{k}`' for k in SECTION_KEYS)} (e.g. batchkit.plugins.mix.alpha=0.4)"
         )
     return dict(section.get("plugins") or {})
 
@@ -169,13 +209,14 @@ def build_plugin(entry: str, spec: Any) -> object | None:
         )
     spec = dict(spec)
     if "plugin" not in spec:
-        raise ConfigError(f"batchkit: entry {entry!r} has no `plugin:` key naming the plugin to use")
-    if not spec.pop("enabled", True):
+        misspelt = [k for k in spec if _did_you_mean(str(k), ("plugin",))]
+        hint = f" (did you mean `plugin:` instead of {misspelt[0]!r}?)" if misspelt else ""
+        raise ConfigError(f"batchkit: entry {entry!r} has no `plugin:` key naming the plugin to use{hint}")
+    name = _reserved_plugin(entry, spec.pop("plugin"))
+    enabled = _reserved_enabled(entry, spec.pop("enabled", True))
+    order = _reserved_order(entry, spec.pop("order", None))
+    if not enabled:
         return None
-    name = spec.pop("plugin")
-    order = spec.pop("order", None)
-    if order is not None and not isinstance(order, int):
-        raise ConfigError(f"batchkit: entry {entry!r}: `order` must be an integer, got {order!r}")
     factory = load_plugin_factory(name, entry)
     options = check_options(entry, name, factory, spec)
     try:
@@ -189,6 +230,50 @@ def build_plugin(entry: str, spec: Any) -> object | None:
     return plugin
 
 
+def _did_you_mean(key: str, candidates: tuple[str, ...] | list[str], cutoff: float = 0.75) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or ``""``."""
+    close = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != key else ""
+
+
+def _reserved_plugin(entry: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"batchkit: entry {entry!r}: `plugin` must be the name of an installed plugin (a string), got "
+            f"{value!r}; `batchkit plugins` lists the names"
+        )
+    return value
+
+
+def _reserved_enabled(entry: str, value: Any) -> bool:
+    """``enabled`` as a bool: booleans as they are; the strings YAML reads as booleans converted
+    (a value from ``${oc.env:VAR}`` is always a string); everything else refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    raise ConfigError(
+        f"batchkit: entry {entry!r}: `enabled` must be true or false, got {value!r} ({type(value).__name__}). "
+        "Strings are read as YAML reads booleans ('true'/'false', 'yes'/'no', 'on'/'off'), so "
+        f"enabled: ${{oc.env:VAR}} works with VAR=false. (To remove the entry instead: batchkit.plugins.{entry}=null.)"
+    )
+
+
+def _reserved_order(entry: str, value: Any) -> int | None:
+    """``order`` as an int (a string of digits, e.g. from ``${oc.env:VAR}``, is converted)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"batchkit: entry {entry!r}: `order` must be an integer (lower runs first within its tier), got "
+        f"{value!r} ({type(value).__name__}); e.g. order: -10"
+    )
+
+
 def check_options(entry: str, name: str, factory: Callable[..., object], options: dict[str, Any]) -> dict[str, Any]:
     """Check ``options`` against ``factory``'s signature and annotations; return them converted
     (for example lists to tuples where a tuple is declared)."""
@@ -197,14 +282,20 @@ def check_options(entry: str, name: str, factory: Callable[..., object], options
     takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     where = f"batchkit: entry {entry!r} (plugin {name!r})"
     unknown = [k for k in options if k not in params]
-    if unknown and not takes_any:
+    # A misspelt reserved key (`enable: false`) must never pass silently, not even to **kwargs.
+    misspelt_reserved = [k for k in unknown if _did_you_mean(str(k), RESERVED_KEYS)]
+    if unknown and (misspelt_reserved or not takes_any):
         hints = []
         for key in unknown:
+            reserved = difflib.get_close_matches(str(key).lower(), RESERVED_KEYS, n=1, cutoff=0.75)
             close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            if reserved:
+                hints.append(f"{key!r} (did you mean the reserved key {reserved[0]!r}?)")
+            else:
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(
             f"{where}: unknown option {', '.join(hints)}. Options of {name!r}: "
-            f"{', '.join(params) or '(none)'}"
+            f"{', '.join(params) or '(none)'}; reserved keys: {', '.join(RESERVED_KEYS)}"
         )
     missing = [k for k, p in params.items() if p.default is p.empty and k not in options]
     if missing:

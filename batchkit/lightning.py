@@ -55,6 +55,7 @@ from batchkit.config import load_config
 from batchkit.config import plugin_entries
 from batchkit.data import BatchKitDataLoader
 from batchkit.data import build_train_loader
+from batchkit.errors import BatchKitError
 from batchkit.errors import PluginError
 from batchkit.host import PluginHost
 from batchkit.host import TrainProgress
@@ -146,7 +147,12 @@ class BatchKitCallback(Callback):
                 "automatic optimization, or remove these plugins."
             )
         # Plugins check the module first, so a missing protocol fails before anything is patched.
-        self.host.notify("batchkit_setup", host=self.host, trainer=trainer, module=pl_module, stage=stage)
+        try:
+            self.host.notify("batchkit_setup", host=self.host, trainer=trainer, module=pl_module, stage=stage)
+        except BatchKitError:
+            raise
+        except (ValueError, TypeError) as exc:  # a check written with a built-in error: one error type
+            raise PluginError(_setup_error_message(self.host, exc)) from exc
         if stage == "fit":
             self._prepared = set()
             self._patch_training_step(pl_module)
@@ -438,6 +444,24 @@ def count_samples(batch: Any, spec: BatchSpec) -> int:
         return 0
 
 
+def _setup_error_message(host: PluginHost, exc: BaseException) -> str:
+    """``exc`` (raised by a plugin's ``batchkit_setup``) as a message naming the entry that raised it."""
+    codes = {}
+    for impl in host.pm.hook.batchkit_setup.get_hookimpls():
+        code = getattr(impl.function, "__code__", None)
+        if code is not None:
+            codes[code] = impl.plugin_name
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code not in codes:
+        tb = tb.tb_next
+    if tb is None:
+        return f"batchkit: a plugin's setup check failed: {type(exc).__name__}: {exc}"
+    entry = codes[tb.tb_frame.f_code]
+    kind = getattr(host.plugins.get(entry), "name", "") or entry
+    plugin = f"entry {entry!r}" + (f" (plugin {kind!r})" if kind != entry else "")
+    return f"batchkit: {plugin} refused the setup: {exc}"
+
+
 def _replace_optimizers(config: Any, host: PluginHost, module: LightningModule) -> Any:
     """Run the optimizer chain on every optimizer in a ``configure_optimizers`` result, and point
     the result's LR schedulers at the replacements."""
@@ -457,11 +481,17 @@ def _replace_optimizers(config: Any, host: PluginHost, module: LightningModule) 
             return scheduler
         old, new = pair
         if len(old.param_groups) != len(new.param_groups):
+            chain = host.chain_order("batchkit_wrap_optimizer")
+            plugins = host.plugins
+            # A plugin that may change the group layout says how to keep it (lamb/lars: exclude: false).
+            fixes = [hint for name in chain if (hint := getattr(plugins[name], "keep_param_groups_hint", None))]
+            fixes.append("return the optimizer without an LR scheduler from configure_optimizers")
+            entries = ", ".join(f"{name!r}" for name in chain)
             raise PluginError(
-                f"batchkit: the optimizer chain {host.chain_order('batchkit_wrap_optimizer')} replaced an "
-                f"optimizer with {len(old.param_groups)} parameter groups by one with {len(new.param_groups)}, "
-                f"but the module's {type(scheduler).__name__} is bound to the old groups. Return the optimizer "
-                "alone from configure_optimizers, or keep the group layout."
+                f"batchkit: the optimizer chain (entries {entries}) replaced {type(old).__name__}'s "
+                f"{len(old.param_groups)} parameter groups by {len(new.param_groups)} groups of {type(new).__name__}, "
+                f"but the module's {type(scheduler).__name__} is bound to the old groups (one learning rate per "
+                f"group), so it cannot drive the replacement. Fix: {'; or '.join(fixes)}."
             )
         for old_group, new_group in zip(old.param_groups, new.param_groups):
             if "initial_lr" in old_group:

@@ -121,3 +121,72 @@ def test_broken_entry_point_names_the_distribution(broken_distribution: None) ->
     msg = str(exc.value)
     assert "broken-batchkit-plugin 9.9" in msg and "ModuleNotFoundError" in msg and "not_a_real_module_xyz" in msg
     assert exc.value.__cause__ is None  # one clear error, not a traceback from deep inside
+
+
+# -- reserved keys: type-checked, misspellings caught --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [(False, False), (True, True), ("false", False), ("False", False), ("off", False), ("no", False), ("true", True), ("yes", True)],
+)
+def test_enabled_takes_booleans_and_the_strings_yaml_reads_as_booleans(value: object, on: bool) -> None:
+    assert len(build_plugins({"mix": {"plugin": "mixup", "enabled": value}})) == int(on)
+
+
+def test_enabled_from_an_environment_variable_switches_the_entry_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("batchkit:\n  plugins:\n    mix: {plugin: mixup, enabled: '${oc.env:MIX_ON}'}\n")
+    monkeypatch.setenv("MIX_ON", "false")  # environment variables are strings
+    assert build_plugins(plugin_entries(load_config(path))) == []
+    monkeypatch.setenv("MIX_ON", "true")
+    assert len(build_plugins(plugin_entries(load_config(path)))) == 1
+    monkeypatch.delenv("MIX_ON")
+    with pytest.raises(ConfigError, match=r"batchkit: the plugin list cannot be read: .*MIX_ON"):
+        plugin_entries(load_config(path))
+
+
+@pytest.mark.parametrize("value", ["flase", "0", 0, 1, None, [True]])
+def test_enabled_refuses_anything_else(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"entry 'mix': `enabled` must be true or false, got .*oc\.env:VAR"):
+        build_plugins({"mix": {"plugin": "mixup", "enabled": value}})
+
+
+def test_order_takes_integers_and_strings_of_one() -> None:
+    (plugin,) = build_plugins({"mix": {"plugin": "mixup", "order": " -100 "}})
+    assert plugin.order == -100
+    for value in (1.5, True, "first", [1]):
+        with pytest.raises(ConfigError, match=r"entry 'mix': `order` must be an integer"):
+            build_plugins({"mix": {"plugin": "mixup", "order": value}})
+
+
+def test_plugin_must_be_a_name() -> None:
+    with pytest.raises(ConfigError, match=r"entry 'mix': `plugin` must be the name of an installed plugin \(a string\), got 5"):
+        build_plugins({"mix": {"plugin": 5}})
+
+
+@pytest.mark.parametrize(("key", "reserved"), [("enable", "enabled"), ("Enabled", "enabled"), ("ordr", "order"), ("orders", "order")])
+def test_a_misspelt_reserved_key_gets_a_did_you_mean(key: str, reserved: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown option '{key}' \(did you mean the reserved key '{reserved}'\?\)"):
+        build_plugins({"mix": {"plugin": "mixup", key: False}})
+
+
+def test_a_misspelt_reserved_key_is_refused_even_by_a_plugin_taking_any_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchkit import config
+
+    class TakesAnything:
+        def __init__(self, **options: object) -> None:
+            self.options = options
+
+    monkeypatch.setattr(config, "load_plugin_factory", lambda name, entry=None: TakesAnything)
+    (plugin,) = build_plugins({"x": {"plugin": "any", "colour": "red"}})
+    assert plugin.options == {"colour": "red"}
+    with pytest.raises(ConfigError, match=r"unknown option 'enable' \(did you mean the reserved key 'enabled'\?\)"):
+        build_plugins({"x": {"plugin": "any", "enable": False}})
+
+
+def test_a_misspelt_plugin_key_and_section_key() -> None:
+    with pytest.raises(ConfigError, match=r"entry 'x' has no `plugin:` key naming the plugin to use \(did you mean `plugin:` instead of 'plugn'\?\)"):
+        build_plugins({"x": {"plugn": "mixup"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'plugin' \(did you mean 'plugins'\?\) in the `batchkit` section"):
+        plugin_entries(load_config({"batchkit": {"plugins": {}}}, ["batchkit.plugin.mix.alpha=0.4"]))

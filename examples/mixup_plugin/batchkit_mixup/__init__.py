@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from batchkit import Plugin
+from batchkit import PluginError
 from batchkit import hookimpl
 
 
@@ -56,6 +57,16 @@ class MixupPlugin(Plugin):
                 "put mixup only on classification data loaders"
             )
         x, y = batch
+        if x.dtype in (torch.int16, torch.int32, torch.int64):
+            # A mix of two token ids is no token id: the embedding would fail far from here. (uint8
+            # images pass: a model that scales them itself takes the mixed values as they are.)
+            raise PluginError(
+                f"mixup (entry {self.instance_name!r}): the inputs are a {x.dtype} tensor of shape "
+                f"{tuple(x.shape)} (token ids or class indices?), and mixing them gives fractional values "
+                "the model cannot take (an embedding needs whole ids). mixup mixes continuous inputs such as "
+                "images or features: remove the mixup entry for this model (or mix embeddings inside the "
+                "model instead)."
+            )
         if y.dtype.is_floating_point:
             raise TypeError("mixup: labels are already probabilities; is mixup listed twice?")
         # Our own random stream (not the global one) so it is reproducible and checkpointed.

@@ -44,3 +44,27 @@ def test_bad_options_and_bad_batches_name_the_fix() -> None:
         MixupPlugin().batchkit_transform_batch(torch.zeros(3))
     with pytest.raises(TypeError, match=r"is mixup listed twice"):
         MixupPlugin().batchkit_transform_batch([torch.zeros(2, 1), torch.zeros(2, 3)])
+
+
+def test_token_id_inputs_are_refused_before_the_model_sees_them() -> None:
+    """A mix of two token ids is no token id; without this check the embedding fails with nothing
+    pointing at mixup."""
+    from batchkit import PluginError
+
+    plugin = MixupPlugin(num_classes=2)
+    plugin._instance_name = "mix"
+    tokens = torch.randint(0, 256, (4, 16))  # a language-model batch: (token ids, domain labels)
+    state = plugin.batchkit_state_dict()
+    with pytest.raises(PluginError) as info:
+        plugin.batchkit_transform_batch([tokens, torch.tensor([0, 1, 0, 1])])
+    message = str(info.value)
+    assert message.startswith("mixup (entry 'mix'): the inputs are a torch.int64 tensor of shape (4, 16) (token ids")
+    assert "remove the mixup entry for this model" in message
+    assert plugin.batchkit_state_dict() == state  # refused before drawing: the random stream is untouched
+
+
+def test_byte_images_are_still_mixed() -> None:
+    """uint8 images (a model that scales them itself) are not token ids: mixed as before."""
+    images = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8)
+    mixed, _ = MixupPlugin(num_classes=2).batchkit_transform_batch([images, torch.tensor([0, 1, 0, 1])])
+    assert mixed.dtype == torch.float32 and mixed.shape == images.shape

@@ -25,8 +25,10 @@ does, but saves every BatchNorm running mean, variance and batch counter first a
 afterwards, so the running statistics are untouched. The batch is counted and selected with the
 run's :class:`batchkit.batch.BatchSpec` (``ctx.batch_spec``).
 
-**Randomness.** The draw for a batch comes from a generator seeded with (seed, rank, global step,
-batch index): nothing to checkpoint, and a resumed run draws exactly what the uninterrupted one did.
+**Randomness and state.** The draw for a batch comes from a generator seeded with (seed, rank,
+global step, batch index): nothing to checkpoint, and a resumed run draws exactly what the
+uninterrupted one did. The counters behind the metrics (batches selected, samples kept and scored)
+are checkpointed, so after a resume they continue from the saved values.
 """
 
 from __future__ import annotations
@@ -149,6 +151,22 @@ class SelectiveBackprop(Plugin):
                 "dataset without max_steps?), so start/end fractions cannot be placed; set Trainer(max_steps=...) "
                 "or use start: 0 and end: 1"
             )
+
+    # -- state: the draws need none (seeded per batch), the counters behind the metrics do ------
+
+    @hookimpl
+    def batchkit_state_dict(self) -> dict[str, Any]:
+        return {
+            "selected_batches": self.selected_batches,
+            "kept_samples": self.kept_samples,
+            "scored_samples": self.scored_samples,
+        }
+
+    @hookimpl
+    def batchkit_load_state_dict(self, state: dict[str, Any]) -> None:
+        self.selected_batches = int(state["selected_batches"])
+        self.kept_samples = int(state["kept_samples"])
+        self.scored_samples = int(state["scored_samples"])
 
     def _draw(self, num_samples: int, keep_count: int, rank: int, step: int, batch_idx: int) -> torch.Tensor:
         """``keep_count`` distinct ranks (0 = lowest loss), drawn by P(rank) without replacement."""

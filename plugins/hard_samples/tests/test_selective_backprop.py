@@ -239,13 +239,21 @@ def test_top_k_keeps_the_samples_with_the_highest_scoring_losses(tmp_path: Path)
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     plugins = lambda: [SelectiveBackprop(keep=0.5, start=0.25, end=1.0, interrupt=3)]  # noqa: E731
-    full, _ = fit(tmp_path / "full", plugins(), max_epochs=3)
+    full_plugins, resumed_plugins = plugins(), plugins()
+    full, _ = fit(tmp_path / "full", full_plugins, max_epochs=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=11, save_top_k=-1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tmp_path / "part", [*plugins(), FailAtStep(13)], max_epochs=3, callbacks=[ckpt], enable_checkpointing=True)
     (path,) = (tmp_path / "ckpt").glob("*step=11.ckpt")  # mid epoch 1, inside the selection window
-    resumed, _ = fit(tmp_path / "resumed", plugins(), max_epochs=3, fit_kwargs={"ckpt_path": path})
+    resumed, _ = fit(tmp_path / "resumed", resumed_plugins, max_epochs=3, fit_kwargs={"ckpt_path": path})
     assert full.seen[:11] + resumed.seen == full.seen
     assert any(len(s) == 4 for s in resumed.seen)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+    # the counters behind the metrics continue from the checkpoint: the whole run's counts, not the
+    # resumed part's only
+    (a,), (b,) = full_plugins, resumed_plugins
+    counts = lambda p: (p.selected_batches, p.kept_samples, p.scored_samples)  # noqa: E731
+    pruned_after_resume = sum(len(s) == 4 for s in resumed.seen)
+    assert 0 < pruned_after_resume < a.selected_batches
+    assert counts(b) == counts(a) == (a.selected_batches, 4 * a.selected_batches, 8 * a.selected_batches)
