@@ -36,12 +36,14 @@ from typing import Iterator
 
 from batchkit.config import apply_overrides
 from batchkit.config import available_plugins
+from batchkit.config import batch_spec_entry
 from batchkit.config import build_plugins
 from batchkit.config import load_config
 from batchkit.config import plugin_entries
 from batchkit.errors import BatchKitError
 from batchkit.errors import ConfigError
 from batchkit.hookspecs import PROJECT
+from batchkit.plugin import kind_of
 
 
 #: Exit status of every batchkit error (and of jsonargparse's argument errors).
@@ -167,9 +169,8 @@ def _cli_class() -> type:
             section = self._get(self.config, "batchkit", default={}) or {}
             from omegaconf import OmegaConf
 
-            callback = BatchKitCallback(
-                plugin_entries(OmegaConf.create({"batchkit": dict(section)})), print_summary=not self.dry_run
-            )
+            cfg = OmegaConf.create({"batchkit": dict(section)})
+            callback = BatchKitCallback(plugin_entries(cfg), print_summary=not self.dry_run, batch_spec=batch_spec_entry(cfg))
             trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
             callbacks = list(trainer_cfg.get("callbacks") or []) + [callback]
             return super().instantiate_trainer(callbacks=callbacks, **kwargs)
@@ -239,10 +240,6 @@ def _setup_checks(trainer: Any, module: Any) -> list[str]:
     return report
 
 
-def _tier(impl: Any) -> str:
-    return "tryfirst" if impl.tryfirst else ("trylast" if impl.trylast else "ordinary")
-
-
 def chain_table(host: Any, title: str) -> Any:
     """The chain order of every hook as a rich table: one row per implementation, with its tier
     (tryfirst / ordinary / trylast) and its order (which sorts only within the tier)."""
@@ -259,15 +256,14 @@ def chain_table(host: Any, title: str) -> Any:
     for column in ("hook", "tier", "order", "entry (plugin)"):
         table.add_column(column)
     plugins = host.plugins
-    for hook, chain in host.describe().items():
-        impls = {impl.plugin_name: impl for impl in getattr(host.pm.hook, hook).get_hookimpls()}
-        for i, name in enumerate(chain):
-            plugin = plugins.get(name)
-            kind = getattr(plugin, "name", "") or type(plugin).__name__
+    for hook in host.describe():
+        chain = host.chain_tiers(hook)
+        for i, (name, tier, order) in enumerate(chain):
+            kind = kind_of(plugins.get(name))
             table.add_row(
                 hook.removeprefix("batchkit_") if i == 0 else "",
-                _tier(impls[name]),
-                str(getattr(plugin, "order", 0)),
+                tier,
+                str(order),
                 name if kind == name else f"{name} ({kind})",
                 end_section=i == len(chain) - 1,
             )

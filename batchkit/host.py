@@ -389,7 +389,7 @@ class PluginHost:
             try:
                 result = impl.call(kwargs)
             except Exception as exc:
-                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
+                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}", impl.plugin_name)
                 raise
             impl.ns += time.perf_counter_ns() - start
             impl.calls += 1
@@ -407,7 +407,7 @@ class PluginHost:
             try:
                 impl.call(kwargs)
             except Exception as exc:
-                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}")
+                _add_note(exc, f"batchkit: raised by plugin {impl.plugin_name!r} in {hook_name}", impl.plugin_name)
                 raise
             impl.ns += time.perf_counter_ns() - start
             impl.calls += 1
@@ -530,6 +530,8 @@ def _name_of(plugin: object | str) -> str:
     return plugin.instance_name if isinstance(plugin, Plugin) else kind_of(plugin)
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+def _add_note(exc: BaseException, note: str, plugin: str | None = None) -> None:
     if note not in getattr(exc, "__notes__", ()):
         exc.add_note(note)
+    if plugin is not None and not hasattr(exc, "batchkit_plugin"):
+        exc.batchkit_plugin = plugin  # type: ignore[attr-defined]  # the innermost plugin that raised

@@ -59,6 +59,7 @@ from batchkit.errors import BatchKitError
 from batchkit.errors import PluginError
 from batchkit.host import PluginHost
 from batchkit.host import TrainProgress
+from batchkit.plugin import kind_of
 
 
 _NO_ATTRIBUTE = object()
@@ -446,18 +447,10 @@ def count_samples(batch: Any, spec: BatchSpec) -> int:
 
 def _setup_error_message(host: PluginHost, exc: BaseException) -> str:
     """``exc`` (raised by a plugin's ``batchkit_setup``) as a message naming the entry that raised it."""
-    codes = {}
-    for impl in host.pm.hook.batchkit_setup.get_hookimpls():
-        code = getattr(impl.function, "__code__", None)
-        if code is not None:
-            codes[code] = impl.plugin_name
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code not in codes:
-        tb = tb.tb_next
-    if tb is None:
+    entry = getattr(exc, "batchkit_plugin", None)
+    if entry is None:
         return f"batchkit: a plugin's setup check failed: {type(exc).__name__}: {exc}"
-    entry = codes[tb.tb_frame.f_code]
-    kind = getattr(host.plugins.get(entry), "name", "") or entry
+    kind = kind_of(host.plugins.get(entry))
     plugin = f"entry {entry!r}" + (f" (plugin {kind!r})" if kind != entry else "")
     return f"batchkit: {plugin} refused the setup: {exc}"
 

@@ -4,6 +4,7 @@ arguments, loggers, checkpoints and exact mid-epoch resume."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,13 @@ def test_plugin_metrics_reach_csv_and_wandb_loggers(tmp_path: Path) -> None:
     per_epoch = [float(r["batchkit/drop_index/batches_this_epoch"]) for r in rows if r.get("batchkit/drop_index/batches_this_epoch")]
     assert per_epoch == [4.0]  # a metric logged at epoch end lands once, per epoch
     run_files = list(Path(tmp_path, "wandb").glob("offline-run-*/run-*.wandb"))
-    assert run_files and b"batchkit/mixup/lambda" in run_files[0].read_bytes()
+    assert run_files
+    # wandb's service writes the offline run file in the background, after finish() returns
+    for _ in range(120):
+        if b"batchkit/mixup/lambda" in run_files[0].read_bytes():
+            break
+        time.sleep(0.5)
+    assert b"batchkit/mixup/lambda" in run_files[0].read_bytes()
 
 
 

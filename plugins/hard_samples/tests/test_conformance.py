@@ -11,4 +11,3 @@ class TestHardBatchesConformance(PluginConformance):
 
 class TestSelectiveBackpropConformance(PluginConformance):
     entries = {"sb": {"plugin": "selective_backprop", "keep": 0.5, "start": 0.2, "end": 0.9}}
-    stateful = False  # its draws are seeded from (seed, rank, step, batch): nothing to save
