@@ -57,7 +57,9 @@ class TrainProgress:
     global_step: int = 0
     samples_trained: int = 0
     samples_loaded: int = 0
+    #: samples in the micro-batch being trained, after the batch stage and as loaded
     batch_size: int = 0
+    loaded_batch_size: int = 0
     lookahead: int = 0
     #: batches the outermost sampler has yielded in the current epoch
     yielded: int = 0

@@ -253,7 +253,7 @@ class BatchKitCallback(Callback):
                 trained = loaded
             progress.samples_loaded += loaded
             progress.samples_trained += trained
-            progress.batch_size = trained
+            progress.batch_size, progress.loaded_batch_size = trained, loaded
             if has_before_forward:
                 host.notify("batchkit_before_forward", batch=batch, module=pl_module, ctx=ctx)
             outputs = original(batch, *args, **kwargs)

@@ -105,6 +105,49 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class TinyRouter(nn.Module):
+    """A linear gate returning router logits; found by loss-stage MoE plugins through the
+    ``batchkit_moe_router = True`` protocol, with its ``top_k``."""
+
+    batchkit_moe_router = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate(h)
+
+
+class TinyMoEModule(TinyModule):
+    """:class:`TinyModule` with a mixture-of-experts layer after its first Linear: a
+    :class:`TinyRouter` sends every sample to ``top_k`` of ``num_experts`` small experts, weighted by
+    its renormalised router probabilities. Every built-in plugin can act on it (it has a loss, a
+    per-sample loss and routers), which is what the composition tests need."""
+
+    def __init__(self, dim: int = 8, classes: int = 3, lr: float = 0.05, batch_norm: bool = False, momentum: float = 0.9,
+                 num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__(dim, classes, lr, batch_norm, momentum)
+        self.router = TinyRouter(16, num_experts, top_k)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(num_experts))
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.net)
+        h = layers[0](x)
+        weights, chosen = torch.softmax(self.router(h), -1).topk(self.top_k, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        mixed = torch.zeros_like(h)
+        for slot in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                mixed = mixed + torch.where((chosen[:, slot] == e).unsqueeze(-1), weights[:, slot:slot + 1] * expert(h), 0.0)
+        h = h + mixed
+        for layer in layers[1:]:
+            h = layer(h)
+        return h
+
+
 def make_trainer(root: str | Path | None, callbacks: list, **kwargs: Any) -> Any:
     """A CPU Trainer for tests: one device, no logger, checkpointing, progress bar or summary
     unless asked for; ``kwargs`` override any of these."""
@@ -143,4 +186,4 @@ def write_rank_record(out: str | Path, rank: int, record: dict[str, Any]) -> Non
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-__all__ = ["FailAtStep", "IndexedDataset", "TinyModule", "launch", "make_trainer", "run_two_ranks", "write_rank_record"]
+__all__ = ["FailAtStep", "IndexedDataset", "TinyMoEModule", "TinyModule", "TinyRouter", "launch", "make_trainer", "run_two_ranks", "write_rank_record"]

@@ -7,8 +7,8 @@ combinations of pairs of samples and of their labels::
     x' = lambda * x + (1 - lambda) * x[perm]
     y' = lambda * onehot(y) + (1 - lambda) * onehot(y[perm])
 
-It runs in the batch stage on ``(inputs, labels)`` batches with integer class labels and turns the
-labels into class probabilities, which ``torch.nn.functional.cross_entropy`` accepts as targets,
+It runs in the batch stage on ``(inputs, labels, ...)`` batches with integer class labels (further
+fields, such as sample ids, pass through unchanged) and turns the labels into class probabilities, which ``torch.nn.functional.cross_entropy`` accepts as targets,
 so the user's ``training_step`` needs no change. Its random stream is part of its checkpointed
 state, so a resumed run mixes exactly as the uninterrupted one.
 """
@@ -50,13 +50,13 @@ class MixupPlugin(Plugin):
         self.last_lambda: float | None = None
 
     @hookimpl
-    def batchkit_transform_batch(self, batch: Any) -> Any:
-        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise TypeError(
-                f"mixup: expects (inputs, labels) batches, got {type(batch).__name__}; "
-                "put mixup only on classification data loaders"
+    def batchkit_transform_batch(self, batch: Any, ctx: Any) -> Any:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise PluginError(
+                f"mixup (entry {self.instance_name!r}): expects (inputs, labels, ...) batches, got "
+                f"{type(batch).__name__}; put mixup only on classification data loaders"
             )
-        x, y = batch
+        x, y, *rest = batch  # further fields (sample ids, say) pass through: they describe the first of each pair
         if x.dtype in (torch.int16, torch.int32, torch.int64):
             # A mix of two token ids is no token id: the embedding would fail far from here. (uint8
             # images pass: a model that scales them itself takes the mixed values as they are.)
@@ -68,14 +68,18 @@ class MixupPlugin(Plugin):
                 "model instead)."
             )
         if y.dtype.is_floating_point:
-            raise TypeError("mixup: labels are already probabilities; is mixup listed twice?")
+            raise PluginError(
+                f"mixup (entry {self.instance_name!r}): the labels are already probabilities, not class ids; "
+                "mixup needs integer class labels (is another plugin mixing the labels before it?)"
+            )
         # Our own random stream (not the global one) so it is reproducible and checkpointed.
         lam = float(self.rng.beta(self.alpha, self.alpha))
         perm = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
         onehot = torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)
         self.last_lambda = lam
-        self.log("lambda", lam)
-        return [lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]]
+        if ctx is None or ctx.logs_this_step:  # a figure per step: only on the steps the Trainer logs
+            self.log("lambda", lam)
+        return [lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm], *rest]
 
     @hookimpl
     def batchkit_state_dict(self) -> dict[str, Any]:

@@ -116,6 +116,9 @@ class HardBatchSelection(Plugin):
     """
 
     name = "hard_batches"
+    # l_j must be the loss of the whole mini-batch j: a plugin that trains only part of each batch
+    # (selective backprop's hardest half, a super-batch's selection) would skew every round's choice.
+    conflicts = ("selective_backprop", "jest", "cabs", "colm")
 
     def __init__(self, delta: float = 0.5, lookahead: Optional[int] = None) -> None:
         if not 0.0 < delta <= 1.0:
@@ -296,6 +299,13 @@ class HardBatchSelection(Plugin):
                 f"{self.lookahead}; set the option lookahead: {ahead} (or leave it unset to follow the loader's "
                 "num_workers * prefetch_factor) so that rounds are chosen from the same losses in every run and "
                 "after a resume"
+            )
+        progress = ctx.train_progress
+        if progress.loaded_batch_size and progress.batch_size != progress.loaded_batch_size:
+            raise PluginError(
+                f"hard_batches: mini-batch {ctx.batch_idx} was loaded with {progress.loaded_batch_size} samples but "
+                f"trained on {progress.batch_size}: a batch-stage plugin selected part of it, so its loss is not the "
+                "mini-batch's loss hard_batches ranks. Run hard_batches without batch-stage selection plugins."
             )
         self._pending_pos.append(position)
         self._pending_ids.append(self._batch_at(position))

@@ -1,0 +1,149 @@
+"""The composition matrix: every pair of built-in plugins (and the mixup example) either runs
+together with both plugins acting, or is refused before training by a declared conflict; and every
+plugin listed twice is refused unless it allows it.
+
+Each plugin has a *profile*: the YAML options for a short run on :class:`batchkit.testing.TinyMoEModule`
+(which every plugin can act on: a loss, a per-sample loss, routers) and a check that it acted. A new
+plugin joins by adding its profile. ``python tests/test_composition.py`` rewrites the verdict table
+in docs/config.md; a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+from typing import Callable
+
+import pytest
+from torch.utils.data import DataLoader
+
+from batchkit import PluginConflictError
+from batchkit.config import available_plugins
+from batchkit.config import build_plugins
+from batchkit.lightning import BatchKitCallback
+from batchkit.plugin import kind_of
+from batchkit.testing import IndexedDataset
+from batchkit.testing import TinyMoEModule
+from batchkit.testing import make_trainer
+
+
+@dataclass
+class Profile:
+    """How to run one plugin briefly, and how to tell it acted (``acted`` returns what it saw)."""
+
+    options: dict[str, Any]
+    acted: Callable[[Any, Any], bool]
+    what: str
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+def _optimizer_is(name: str) -> Callable[[Any, Any], bool]:
+    return lambda plugin, trainer: type(trainer.optimizers[0]).__name__ == name
+
+
+PROFILES: dict[str, Profile] = {
+    "hard_batches": Profile({"delta": 0.5}, lambda p, t: p.applied_upto > 0, "rounds were chosen from the loss table"),
+    "selective_backprop": Profile({"keep": 0.5, "start": 0.0, "end": 1.0, "interrupt": 0},
+                                  lambda p, t: p.selected_batches > 0, "batches were pruned"),
+    "moe_lbl": Profile({"coefficient": 0.01}, lambda p, t: p.last_layer_losses is not None, "the LBL term was added"),
+    "lamb": Profile({}, _optimizer_is("Lamb"), "the optimizer is Lamb"),
+    "lars": Profile({}, _optimizer_is("Lars"), "the optimizer is Lars"),
+    "mixup": Profile({"num_classes": 3}, lambda p, t: p.last_lambda is not None, "batches were mixed"),
+}
+
+
+def _conflict(a: str, b: str) -> bool:
+    classes = {name: available_plugins()[name].load() for name in (a, b)}
+    return b in getattr(classes[a], "conflicts", ()) or a in getattr(classes[b], "conflicts", ())
+
+
+def _fit(tmp_path: Path, names: list[str]) -> tuple[dict[str, Any], Any, TinyMoEModule]:
+    entries = {name: {"plugin": name, **PROFILES[name].options} for name in names}
+    plugins = build_plugins(entries)
+    module = TinyMoEModule()
+    trainer = make_trainer(tmp_path, [BatchKitCallback(plugins)], max_epochs=3,
+                           **{k: v for n in names for k, v in PROFILES[n].trainer.items()})
+    trainer.fit(module, DataLoader(IndexedDataset(n=48, noise=0.8), batch_size=8, shuffle=True))
+    return {kind_of(p): p for p in plugins}, trainer, module
+
+
+def verdict(a: str, b: str) -> str:
+    return "refused: declared conflict" if _conflict(a, b) else "runs, both act"
+
+
+@pytest.mark.parametrize(("a", "b"), list(itertools.combinations(sorted(PROFILES), 2)))
+def test_every_pair_runs_with_both_acting_or_is_refused_before_training(tmp_path: Path, a: str, b: str) -> None:
+    if _conflict(a, b):
+        with pytest.raises(PluginConflictError, match=rf"declares a conflict with '({a}|{b})'"):
+            _fit(tmp_path, [a, b])
+        return
+    plugins, trainer, module = _fit(tmp_path, [a, b])
+    assert trainer.global_step > 0
+    for name in (a, b):
+        assert PROFILES[name].acted(plugins[name], trainer), f"{name} did not act next to {a if name == b else b}: expected {PROFILES[name].what}"
+
+
+def test_a_refused_pair_stops_before_any_batch(tmp_path: Path) -> None:
+    module = TinyMoEModule()
+    plugins = build_plugins({"hard": {"plugin": "hard_batches"}, "sb": {"plugin": "selective_backprop"}})
+    trainer = make_trainer(tmp_path, [BatchKitCallback(plugins)], max_epochs=1)
+    with pytest.raises(PluginConflictError, match="'hard' \\(hard_batches\\) declares a conflict with 'sb'"):
+        trainer.fit(module, DataLoader(IndexedDataset(n=16), batch_size=8))
+    assert module.seen == []
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_a_plugin_listed_twice_is_refused_before_training(tmp_path: Path, name: str) -> None:
+    entries = {f"{name}_{i}": {"plugin": name, **PROFILES[name].options} for i in (1, 2)}
+    module = TinyMoEModule()
+    trainer = make_trainer(tmp_path, [BatchKitCallback(entries)], max_epochs=1)
+    with pytest.raises(PluginConflictError, match=rf"plugin '{name}' is listed 2 times \(entries \['{name}_1', '{name}_2'\]\)"):
+        trainer.fit(module, DataLoader(IndexedDataset(n=16), batch_size=8))
+    assert module.seen == []
+
+
+def test_every_installed_plugin_has_a_profile() -> None:
+    assert set(PROFILES) == set(available_plugins()), "a plugin joins the composition matrix with a profile here"
+
+
+# -- the table in docs/config.md ---------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+BEGIN, END = "<!-- composition matrix: begin -->", "<!-- composition matrix: end -->"
+
+
+def matrix_markdown() -> str:
+    names = sorted(PROFILES)
+    rows = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append("twice: refused")
+            else:
+                cells.append("conflict" if _conflict(a, b) else "✓")
+        rows.append(f"| `{a}` | " + " | ".join(cells) + " |")
+    legend = ("✓: the two run together and both act (" + "; ".join(f"`{n}`: {PROFILES[n].what}" for n in names)
+              + "). conflict: refused before training, naming both entries.")
+    return "\n".join([BEGIN, *rows, "", legend, END])
+
+
+def test_the_matrix_in_the_docs_is_current() -> None:
+    text = DOCS.read_text()
+    found = re.search(re.escape(BEGIN) + ".*?" + re.escape(END), text, re.S)
+    assert found and found.group(0) == matrix_markdown(), "run: python tests/test_composition.py"
+
+
+if __name__ == "__main__":
+    text = DOCS.read_text()
+    block = matrix_markdown()
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        sys.exit(f"add the markers {BEGIN} / {END} to {DOCS} first")
+    DOCS.write_text(text)
