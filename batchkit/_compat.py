@@ -56,3 +56,10 @@ def torch_optimizers(trainer: Any) -> list[torch.optim.Optimizer]:
         if isinstance(inner, torch.optim.Optimizer):
             found.append(inner)
     return found
+
+
+def publish_callback_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Make metrics visible where callbacks (ModelCheckpoint's and EarlyStopping's ``monitor``, the
+    progress bar) and users read them: ``trainer.callback_metrics``. Implicit: that property returns
+    the logger connector's own dict, which Lightning updates in place as it logs."""
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

@@ -380,8 +380,10 @@ class BatchKitCallback(Callback):
         """Write what plugins logged since the last flush to every Trainer logger (CSV, wandb, ...)
         at the current optimizer step, once: a value logged once appears once. Values logged with
         ``reduce`` are combined across ranks first (one all-reduce per reduction, every rank takes
-        part); the others are rank 0's. Plugins that produce a value every step log it only when
-        ``ctx.logs_this_step``, so the Trainer's ``log_every_n_steps`` applies to them too."""
+        part); the others are rank 0's. They also land in ``trainer.callback_metrics``, so a
+        ``ModelCheckpoint`` or ``EarlyStopping`` can monitor them. Plugins that produce a value every
+        step log it only when ``ctx.logs_this_step``, so the Trainer's ``log_every_n_steps`` applies
+        to them too."""
         metrics = self.host.pop_metrics()
         if not metrics:
             return
@@ -392,8 +394,9 @@ class BatchKitCallback(Callback):
                 packed = torch.tensor([float(metrics[k][0]) for k in keys], dtype=torch.float64)
                 values.update(zip(keys, dist.all_reduce(packed, op).tolist()))
         values.update({k: float(v) for k, (v, reduce) in metrics.items() if reduce is None})
+        named = {f"batchkit/{k}": v for k, v in values.items()}
+        _compat.publish_callback_metrics(trainer, named)
         if trainer.is_global_zero:
-            named = {f"batchkit/{k}": v for k, v in values.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(named, step=self.host.ctx.global_step)
                 logger.save()

@@ -63,3 +63,10 @@ def test_deepspeed_strategy_exposes_the_engine_and_optimizers_nest() -> None:
 def test_lightning_version_is_one_batchkit_was_tested_with() -> None:
     major, minor = (int(p) for p in lightning.__version__.split(".")[:2])
     assert (2, 4) <= (major, minor) < (2, 7), f"batchkit._compat was checked against Lightning 2.4-2.6, not {lightning.__version__}"
+
+
+def test_callback_metrics_is_the_dict_lightning_updates_in_place(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, [], max_epochs=1, limit_train_batches=1)
+    trainer.fit(TinyModule(), DataLoader(IndexedDataset(n=8), batch_size=4))
+    _compat.publish_callback_metrics(trainer, {"batchkit/x/y": 2.5})
+    assert float(trainer.callback_metrics["batchkit/x/y"]) == 2.5 and "train_loss" in trainer.callback_metrics
