@@ -82,7 +82,7 @@ class LambPlugin(Plugin):
         super().__init__()
         self.lr, self.weight_decay, self.exclude = lr, weight_decay, exclude
         self.options = dict(
-            betas=tuple(betas), eps=eps, weight_decay_mode=weight_decay_mode, bias_correction=bias_correction,
+            betas=betas, eps=eps, weight_decay_mode=weight_decay_mode, bias_correction=bias_correction,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, phi=phi, trust_clamp=trust_clamp,
             impl=impl,
         )
@@ -119,12 +119,13 @@ class LarsPlugin(Plugin):
         max_grad_norm: float | None = None,
         exclude: bool = True,
         impl: Literal["auto", "reference", "foreach", "fused"] = "auto",
+        momentum_form: Literal["sgd", "paper"] = "sgd",
     ):
         super().__init__()
         self.lr, self.momentum, self.weight_decay, self.exclude = lr, momentum, weight_decay, exclude
         self.options = dict(
             dampening=dampening, nesterov=nesterov, trust_coeff=trust_coeff, eps=eps,
-            trust_clip=trust_clip, max_grad_norm=max_grad_norm, impl=impl,
+            trust_clip=trust_clip, max_grad_norm=max_grad_norm, impl=impl, momentum_form=momentum_form,
         )
         Lars([torch.zeros(1, requires_grad=True)], lr=lr if lr is not None else 0.1,
              momentum=momentum if momentum is not None else 0.9, weight_decay=weight_decay or 0.0,
