@@ -217,3 +217,19 @@ def test_the_callback_patches_only_deepspeed_strategies_that_do_not_correct(fres
     assert fresh.backward_for(CPUDeepSpeedStrategy(stage=2)) is None  # corrects itself
     assert fresh.backward_for(DDPStrategy()) is None
     assert callable(fresh.backward_for(job.UncorrectedDeepSpeed(stage=2)))
+
+
+@pytest.mark.multiprocess
+def test_the_documented_reproduction_reproduces(tmp_path):
+    """docs/config.md's standalone script (no batchkit) still shows the upstream bug: 0.5 at N = 2."""
+    pytest.importorskip("deepspeed")
+    text = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    block = text.split("<!-- deepspeed-accumulation-repro", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "batchkit" not in block
+    script = tmp_path / "repro.py"
+    script.write_text(block)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "DeepSpeed update / plain update = 0.5000" in proc.stdout

@@ -36,8 +36,8 @@ class Lars(LayerwiseOptimizer):
     Args:
         params: parameters or param-group dicts (options below may be set per group).
         lr: global learning rate gamma (>= 0).
-        momentum: m (>= 0); 0 keeps no buffer.
-        dampening: as torch.optim.SGD.
+        momentum: m in [0, 1); 0 keeps no buffer.
+        dampening: in [0, 1], as torch.optim.SGD.
         weight_decay: beta (>= 0), added to the gradient and to the ratio's denominator.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
         trust_coeff: eta (> 0), 0.001 in the paper.
