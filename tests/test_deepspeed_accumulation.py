@@ -59,7 +59,8 @@ def single_process_step(job, case: dict) -> dict[str, torch.Tensor]:
 
 
 def _diff(case: dict, expected: dict[str, torch.Tensor]) -> float:
-    return max((torch.tensor(case["after"][k], dtype=torch.float64) - v).abs().max().item() for k, v in expected.items())
+    return max((torch.tensor(case["after"][k], dtype=torch.float64) - v).abs().max().item()
+               for k, v in expected.items())
 
 
 def _scaled(case: dict, expected: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:

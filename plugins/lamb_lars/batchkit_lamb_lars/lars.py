@@ -74,7 +74,8 @@ class Lars(LayerwiseOptimizer):
         momentum_form: Literal["sgd", "paper"] = "sgd",
     ):
         if max_grad_norm is not None:
-            max_grad_norm = check_nonneg("Lars", "max_grad_norm", max_grad_norm, " Use None (or 0) to disable clipping.")
+            max_grad_norm = check_nonneg("Lars", "max_grad_norm", max_grad_norm,
+                                         " Use None (or 0) to disable clipping.")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, adapt=adapt,
@@ -91,7 +92,8 @@ class Lars(LayerwiseOptimizer):
         group["dampening"] = check_real(owner, "dampening", group["dampening"], high=1.0,
                                         hint=" Use dampening=0 (torch.optim.SGD's default).")
         group["weight_decay"] = check_nonneg(owner, "weight_decay", group["weight_decay"])
-        group["trust_coeff"] = check_positive(owner, "trust_coeff", group["trust_coeff"], " The paper uses trust_coeff=0.001.")
+        group["trust_coeff"] = check_positive(owner, "trust_coeff", group["trust_coeff"],
+                                              " The paper uses trust_coeff=0.001.")
         group["eps"] = check_nonneg(owner, "eps", group["eps"], " Use e.g. eps=1e-8.")
         if group.get("momentum_form", "sgd") not in MOMENTUM_FORMS:
             raise ValueError(

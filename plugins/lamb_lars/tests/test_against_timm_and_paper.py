@@ -140,7 +140,8 @@ def paper_lars(params, grads_per_step, lrs, momentum, weight_decay, trust_coeff,
 
 def warmup_then_step_decay(steps=60, peak=2.0, warmup=20, decay_at=(35, 50)):
     """Linear warm-up from peak / warmup to peak, then x0.1 at each decay step (Goyal et al. style)."""
-    return [peak * (t + 1) / warmup if t < warmup else peak * 0.1 ** sum(t >= d for d in decay_at) for t in range(steps)]
+    return [peak * (t + 1) / warmup if t < warmup else peak * 0.1 ** sum(t >= d for d in decay_at)
+            for t in range(steps)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -217,3 +217,29 @@ def test_numpy_and_tensor_scalars_are_accepted_as_numbers(impl, h, fused_cpu):
         assert type(group["lr"]) is float and type(group["weight_decay"]) is float
         if cls is Lamb:
             assert all(type(beta) is float for beta in group["betas"])
+
+
+def test_a_resumed_lars_keeps_the_momentum_form_its_buffer_was_written_in():
+    """The buffer holds lr * (SGD form's buffer) in the paper's form: a checkpoint must not be read
+    in the other form. Old checkpoints (no momentum_form key) load as the SGD form."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Lars([p], lr=0.5, momentum_form="paper")
+    p.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    resumed = Lars([torch.nn.Parameter(p.detach().clone())], lr=0.5)  # built with the default form
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["momentum_form"] == "paper"
+    old_groups = [{k: v for k, v in g.items() if k != "momentum_form"} for g in state["param_groups"]]
+    old = {**state, "param_groups": old_groups}
+    q = torch.nn.Parameter(p.detach().clone())
+    legacy = Lars([q], lr=0.5, momentum_form="paper")
+    legacy.load_state_dict(old)
+    q.grad = torch.ones(3)
+    legacy.step()  # runs as the SGD form: w - lr * (m buf + d)
+    expected = Lars([torch.nn.Parameter(p.detach().clone())], lr=0.5)
+    expected.load_state_dict(old)
+    r = expected.param_groups[0]["params"][0]
+    r.grad = torch.ones(3)
+    expected.step()
+    assert torch.equal(q.detach(), r.detach())

@@ -92,7 +92,8 @@ def reference_global_lbl(model: TinyMoE, x: torch.Tensor, top_k: int) -> torch.T
     return torch.stack(losses).mean()
 
 
-def reference_accumulated_global_lbl(model: TinyMoE, micro_batches: list[list[torch.Tensor]], top_k: int) -> torch.Tensor:
+def reference_accumulated_global_lbl(model: TinyMoE, micro_batches: list[list[torch.Tensor]],
+                                     top_k: int) -> torch.Tensor:
     """What one optimizer step with accumulation minimises in global mode, written out independently
     of the plugin. ``micro_batches[k][r]`` is rank r's k-th micro-batch. Micro-step k's ``f`` comes
     from the counts and tokens of micro-steps 1..k over all ranks (Algorithm 1); each rank's ``P``
