@@ -167,7 +167,7 @@ def test_lars_paper_form_matches_the_paper_under_warmup_and_step_decay(impl, h, 
     paper, sgd = run("paper"), run("sgd")
     moved = h.max_abs_diff(expected, start)
     assert moved > 0.05
-    assert h.max_abs_diff(paper, expected) <= 1e-5 * max(1.0, moved)
+    assert h.max_abs_diff(paper, expected) <= 1e-5  # fp32 against float64: 2.9e-6 after moving 5.2
     # the SGD form (lr outside the buffer) is a different trajectory under this schedule
     assert h.max_abs_diff(sgd, expected) > 1e-3
 
