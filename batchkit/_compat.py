@@ -1,6 +1,8 @@
 """Every place batchkit relies on Lightning behaviour that is private or only implicit, one function
 each, so a Lightning release that changes one of them breaks here, in one place, and in the contract
-test beside it (``tests/test_compat.py``). Public Lightning API is used directly elsewhere.
+test beside it (``tests/test_compat.py``). Public Lightning API is used directly elsewhere. The
+correction of Lightning + DeepSpeed's double loss division under gradient accumulation lives in
+:mod:`batchkit.deepspeed_compat`, with its own tests.
 """
 
 from __future__ import annotations

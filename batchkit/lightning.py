@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from batchkit import _compat
+from batchkit import deepspeed_compat
 from batchkit import dist
 from batchkit.batch import BatchSpec
 from batchkit.cache import ArtifactCache
@@ -158,6 +159,9 @@ class BatchKitCallback(Callback):
             self._prepared = set()
             self._patch_training_step(pl_module)
             self._patch_configure_optimizers(pl_module)
+            backward = deepspeed_compat.backward_for(trainer.strategy)  # see batchkit/deepspeed_compat.py
+            if backward is not None:
+                self._patch(trainer.strategy, "backward", backward)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._unpatch()
@@ -534,6 +538,8 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """
 
     strategy_name = "deepspeed_cpu"
+    #: divides the loss by accumulate_grad_batches once, not twice (batchkit/deepspeed_compat.py)
+    batchkit_corrects_gas_scaling = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # DeepSpeed picks its accelerator once, on first import; make that choice CPU if it has not
@@ -565,6 +571,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return deepspeed_compat.corrected_backward(self, super().backward, closure_loss, optimizer, *args, **kwargs)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:

@@ -56,6 +56,7 @@ class LarsHyper(ctypes.Structure):
         ("nesterov", ctypes.c_int32),
         ("trust_clip", ctypes.c_int32),
         ("adapt", ctypes.c_int32),
+        ("lr_in_buffer", ctypes.c_int32),  # 1: the paper's v = m v + lr * local_lr * (g + wd w)
     ]
 
 

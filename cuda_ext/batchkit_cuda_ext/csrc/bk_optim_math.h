@@ -155,6 +155,11 @@ BK_HD float lamb_apply(float x, float u, float lr_ratio, float decay, const Lamb
 }
 
 // ---------------------------------------------------------------- LARS
+// Where the global lr enters the momentum buffer (see docs/optimizers.md):
+//   lr_in_buffer = 0: torch.optim.SGD ordering (timm, apex LARC): buf = m buf + d, x -= lr buf
+//   lr_in_buffer = 1: the paper's Algorithm 1:                    buf = m buf + lr d, x -= buf
+// with d = local_lr (g + wd x). Equal at a constant lr; under warm-up or decay the paper's buffer
+// keeps each step's own lr, torch's rescales the whole history by the current one.
 struct LarsHyper {
   float momentum;
   float dampening;
@@ -162,11 +167,16 @@ struct LarsHyper {
   float trust_coeff;   // eta
   float eps;
   int32_t nesterov;
-  int32_t trust_clip;  // LARC: ratio <- min(ratio / lr, 1)
+  int32_t trust_clip;  // LARC: ratio <- min(ratio / lr, 1) where the ratio is adaptive
   int32_t adapt;
+  int32_t lr_in_buffer;
 };
 
-// local lr = eta * ||x|| / (||g|| + wd*||x|| + eps); 1 where either norm is zero.
+// local lr = eta * ||x|| / (||g|| + wd*||x|| + eps); with LARC's clip, min(local lr / lr, 1).
+// Where either norm is zero (or adapt is off) the ratio is 1 and is NOT clipped: the tensor takes
+// a plain SGD step at lr, whatever trust_clip says. That is apex LARC (it clips only inside
+// `if param_norm != 0 and grad_norm != 0`); timm clips the fallback 1 to min(1/lr, 1) instead,
+// which differs when lr > 1.
 BK_HD float lars_trust_ratio(float x_sq, float g_sq, float lr, const LarsHyper& h) {
   if (!h.adapt) return 1.0f;
   float x_norm = sqrtf(x_sq);
@@ -177,16 +187,17 @@ BK_HD float lars_trust_ratio(float x_sq, float g_sq, float lr, const LarsHyper& 
   return r;
 }
 
-// SGD-momentum step on d = ratio*(g + wd*x) (torch SGD ordering: lr outside the buffer).
-// `first` marks the first step of this tensor: the buffer starts as d, as in torch.optim.SGD.
+// SGD-momentum step on d = ratio*(g + wd*x), lr outside (torch SGD) or inside (paper) the buffer.
+// `first` marks the first step of this tensor: the buffer starts as d (lr d), as in torch.optim.SGD.
 BK_HD void lars_apply(float g, float& x, float& buf, float ratio, float lr, bool first,
                       const LarsHyper& h) {
   float d = (g + h.weight_decay * x) * ratio;
+  if (h.lr_in_buffer) d = lr * d;  // paper: v <- m v + lr * local_lr * (g + wd x)
   if (h.momentum != 0.0f) {
     buf = first ? d : h.momentum * buf + (1.0f - h.dampening) * d;
     d = h.nesterov ? d + h.momentum * buf : buf;
   }
-  x = x - lr * d;
+  x = h.lr_in_buffer ? x - d : x - lr * d;
 }
 
 }  // namespace bk

@@ -9,10 +9,13 @@ flat ZeRO shard) and decides which path runs them.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import sys
 
 import torch
 from torch import Tensor
@@ -340,17 +343,66 @@ class LayerwiseOptimizer(Optimizer):
 
 
 # ---------------------------------------------------------------- validation helpers
-def check_lr(owner: str, lr) -> None:
-    value = float(lr) if torch.is_tensor(lr) else lr
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"{owner}: lr={lr!r} is invalid; the learning rate must be a finite number >= 0 (e.g. lr=1e-3).")
+# Options are real numbers of any numeric type (int, float, numpy scalars such as np.float32,
+# 0-dim tensors); the checks return them as Python floats, which is what the groups then hold
+# (lr may stay a tensor: a device-side lr for CUDA graphs). bool is refused: lr=True is a slip.
+def as_real(value) -> float | None:
+    """``value`` as a float when it is a single real number, else None."""
+    numpy = sys.modules.get("numpy")  # numpy scalars are numbers.Real; numpy is not a dependency
+    if value is None or isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_)):
+        return None
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value.detach().reshape(()).cpu())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
 
 
-def check_nonneg(owner: str, name: str, value, hint: str = "") -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"{owner}: {name}={value!r} is invalid; it must be a finite number >= 0.{hint}")
+def check_real(owner: str, name: str, value, *, low: float = 0.0, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """``value`` as a float if it is a finite real in the interval, else a ValueError naming it."""
+    x = as_real(value)
+    ok = (
+        x is not None and math.isfinite(x)
+        and (x > low if low_open else x >= low)
+        and (x < high if high_open else x <= high)
+    )
+    if not ok:
+        if high == math.inf:
+            what = f"> {low:g}" if low_open else f">= {low:g}"
+            rule = f"a finite number {what}"
+        else:
+            rule = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name}={value!r} is invalid; it must be {rule}.{hint}")
+    return x
 
 
-def check_positive(owner: str, name: str, value, hint: str = "") -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{owner}: {name}={value!r} is invalid; it must be > 0.{hint}")
+def check_lr(owner: str, lr):
+    """The learning rate: a finite real >= 0 (a 1-element tensor is kept as a tensor)."""
+    x = as_real(lr)
+    if x is None or not math.isfinite(x) or x < 0.0:
+        raise ValueError(
+            f"{owner}: lr={lr!r} is invalid; the learning rate must be a finite number >= 0 (e.g. lr=1e-3)."
+        )
+    return lr if torch.is_tensor(lr) else x
+
+
+def check_nonneg(owner: str, name: str, value, hint: str = "") -> float:
+    return check_real(owner, name, value, hint=hint)
+
+
+def check_positive(owner: str, name: str, value, hint: str = "") -> float:
+    return check_real(owner, name, value, low_open=True, hint=hint)
+
+
+def as_pair(value) -> tuple | None:
+    """Two items (tuple, list, array, tensor), or None when ``value`` is not a pair."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    try:
+        pair = tuple(value)
+    except TypeError:
+        return None
+    return pair if len(pair) == 2 else None

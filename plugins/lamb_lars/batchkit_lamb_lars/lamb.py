@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._core import Batch, LayerwiseOptimizer, check_lr, check_nonneg, check_positive
+from ._core import Batch, LayerwiseOptimizer, as_pair, as_real, check_lr, check_nonneg, check_positive
 
 WeightDecayMode = Literal["paper", "decoupled", "l2"]
 _WD_MODES = ("paper", "decoupled", "l2")
@@ -92,9 +92,9 @@ class Lamb(LayerwiseOptimizer):
     ):
         owner = "Lamb"
         if max_grad_norm is not None:
-            check_nonneg(owner, "max_grad_norm", max_grad_norm, " Use None (or 0) to disable clipping.")
+            max_grad_norm = check_nonneg(owner, "max_grad_norm", max_grad_norm, " Use None (or 0) to disable clipping.")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             weight_decay_mode=weight_decay_mode, bias_correction=bias_correction,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adapt=adapt,
             phi=phi, trust_clamp=trust_clamp, impl=impl, stash_update=stash_update,
@@ -103,25 +103,34 @@ class Lamb(LayerwiseOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         owner = "Lamb"
-        check_lr(owner, group["lr"])
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{owner}: betas={betas!r} must be a pair (beta1, beta2), e.g. (0.9, 0.999).")
-        for i, beta in enumerate(betas):
-            if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        group["lr"] = check_lr(owner, group["lr"])
+        pair = as_pair(group["betas"])
+        if pair is None:
+            raise ValueError(
+                f"{owner}: betas={group['betas']!r} must be a pair (beta1, beta2), e.g. betas=(0.9, 0.999)."
+            )
+        betas = []
+        for i, beta in enumerate(pair):
+            value = as_real(beta)
+            if value is None or not 0.0 <= value < 1.0:
                 raise ValueError(
                     f"{owner}: betas[{i}]={beta!r} is outside [0, 1); use e.g. betas=(0.9, 0.999)."
                 )
-        check_positive(owner, "eps", group["eps"], " Use e.g. eps=1e-6 (apex, timm).")
-        check_nonneg(owner, "weight_decay", group["weight_decay"])
+            betas.append(value)
+        group["betas"] = tuple(betas)
+        group["eps"] = check_positive(owner, "eps", group["eps"], " Use e.g. eps=1e-6 (apex, timm).")
+        group["weight_decay"] = check_nonneg(owner, "weight_decay", group["weight_decay"])
         if group["weight_decay_mode"] not in _WD_MODES:
             raise ValueError(f"{owner}: weight_decay_mode={group['weight_decay_mode']!r}; choose one of {_WD_MODES}.")
         for name in ("phi", "trust_clamp"):
             bounds = group[name]
-            if bounds is not None and not (
-                isinstance(bounds, (tuple, list)) and len(bounds) == 2 and 0.0 <= bounds[0] <= bounds[1]
-            ):
+            if bounds is None:
+                continue
+            pair = as_pair(bounds)
+            low, high = (as_real(b) for b in pair) if pair is not None else (None, None)
+            if low is None or high is None or not 0.0 <= low <= high:
                 raise ValueError(f"{owner}: {name}={bounds!r} must be None or (lower, upper) with 0 <= lower <= upper.")
+            group[name] = (low, high)
 
     def _stash_views(self, params: list[Tensor], device: torch.device) -> list[Tensor]:
         """fp32 scratch shaped like ``params`` (flat views), kept across steps: reallocating

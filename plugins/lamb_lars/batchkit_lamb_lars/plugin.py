@@ -146,7 +146,7 @@ class LambPlugin(_OptimizerReplacement):
             impl=impl,
         )
         if betas is not None:  # else each group's own (Adam's), or Lamb's default
-            self.options["betas"] = tuple(betas)
+            self.options["betas"] = betas  # Lamb checks it: betas=0.9 gets a clear message, not a TypeError
         # Fail at configuration time, not at the first step: build a throwaway optimizer.
         Lamb([torch.zeros(1, requires_grad=True)], lr=lr if lr is not None else 1e-3,
              weight_decay=weight_decay or 0.0, **self.options)
@@ -184,11 +184,13 @@ class LarsPlugin(_OptimizerReplacement):
         max_grad_norm: float | None = None,
         exclude: bool = True,
         impl: Literal["auto", "reference", "foreach", "fused"] = "auto",
+        momentum_form: Literal["sgd", "paper"] = "sgd",
     ):
         super().__init__()
         self.lr, self.momentum, self.weight_decay, self.exclude = lr, momentum, weight_decay, exclude
         self.dampening, self.nesterov = dampening, nesterov
-        self.options = dict(trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, max_grad_norm=max_grad_norm, impl=impl)
+        self.options = dict(trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, max_grad_norm=max_grad_norm, impl=impl,
+                            momentum_form=momentum_form)
         Lars([torch.zeros(1, requires_grad=True)], lr=lr if lr is not None else 0.1,
              weight_decay=weight_decay or 0.0, **self._defaults(), **self.options)
 

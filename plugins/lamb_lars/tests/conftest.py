@@ -33,6 +33,13 @@ LARS_CONFIGS = {
     "larc_dampening": dict(lr=0.5, momentum=0.8, dampening=0.1, weight_decay=5e-4, trust_clip=True),
     "no_momentum_clip": dict(lr=0.5, momentum=0.0, weight_decay=1e-4, max_grad_norm=0.3),
     "no_adapt": dict(lr=0.01, momentum=0.9, adapt=False),
+    # lr > 1 with LARC: the zero-weight and zero-gradient tensors keep ratio 1, unclipped (apex LARC)
+    "larc_lr2": dict(lr=2.0, momentum=0.9, weight_decay=1e-4, trust_clip=True),
+    "larc_lr4_no_momentum": dict(lr=4.0, momentum=0.0, weight_decay=1e-4, trust_clip=True),
+    # the paper's form: lr inside the momentum buffer
+    "paper_form": dict(lr=0.5, momentum=0.9, weight_decay=1e-4, momentum_form="paper"),
+    "paper_form_nesterov_larc": dict(lr=2.0, momentum=0.9, weight_decay=5e-4, nesterov=True, trust_clip=True,
+                                     momentum_form="paper"),
 }
 
 

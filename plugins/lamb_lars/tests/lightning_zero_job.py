@@ -1,10 +1,12 @@
-"""2-process Lightning fit through batchkit's CPUDeepSpeedStrategy (ZeRO-2, gloo) with the
-``lamb``/``lars`` plugin replacing the module's optimizer. Run by test_zero.py:
+"""2-process Lightning fits through batchkit's CPUDeepSpeedStrategy (gloo) with the ``lamb``/``lars``
+plugin replacing the module's optimizer, one per case. Run by test_zero.py under torchrun, which
+starts both ranks (so Lightning launches nothing and the cases share the two processes):
 
-    python lightning_zero_job.py OUT_DIR lamb|lars
+    torchrun --standalone --nproc_per_node 2 lightning_zero_job.py OUT_DIR CASE [CASE ...]
 
-Lightning's launcher re-runs this script for rank 1, so it is a plain script. Rank 0 saves the
-final parameters to OUT_DIR/<name>.pt.
+A case is ``<lamb|lars>_stage<S>_acc<N>``: ZeRO stage S, ``accumulate_grad_batches=N`` (N micro-
+batches of PER_RANK_BATCH per rank and optimizer step, the same 160 samples in every case). Rank 0
+saves the final parameters to OUT_DIR/<case>.pt.
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ def dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(torch.randn(n, 13, generator=gen), torch.randn(n, 3, generator=gen))
 
 
-def global_batches():
-    """What the two ranks see together at each step: DistributedSampler (no shuffle) deals
-    sample i to rank i % 2, so step k covers samples 8k .. 8k+7."""
+def global_batches(accumulate: int = 1):
+    """What the two ranks see together at each optimizer step: DistributedSampler (no shuffle)
+    deals sample i to rank i % 2, so micro-batch j covers samples 8j .. 8j+7 and optimizer step k
+    those of micro-batches kN .. kN+N-1 (equal sizes: their mean loss is the batch's mean loss)."""
     x, y = dataset().tensors
-    size = PER_RANK_BATCH * WORLD
-    for k in range(STEPS):
+    size = PER_RANK_BATCH * WORLD * accumulate
+    for k in range(STEPS // accumulate):
         yield x[k * size:(k + 1) * size], y[k * size:(k + 1) * size]
+
+
+def parse_case(case: str) -> tuple[str, int, int]:
+    name, stage, accumulate = case.split("_")
+    return name, int(stage.removeprefix("stage")), int(accumulate.removeprefix("acc"))
 
 
 def main() -> None:
@@ -55,12 +63,14 @@ def main() -> None:
 
     from batchkit.lightning import BatchKitCallback, CPUDeepSpeedStrategy
 
-    out_dir, name = sys.argv[1], sys.argv[2]
+    out_dir, cases = sys.argv[1], sys.argv[2:]
+    torch.set_num_threads(1)
 
     class Module(pl.LightningModule):
-        def __init__(self):
+        def __init__(self, lr):
             super().__init__()
             self.net = build_model()
+            self.lr = lr
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -68,23 +78,29 @@ def main() -> None:
 
         def configure_optimizers(self):
             # replaced by the plugin; its lr is what the plugin inherits when lr is not given
-            return torch.optim.SGD(self.parameters(), lr=PLUGIN_OPTIONS[name]["lr"])
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
 
-    options = dict(PLUGIN_OPTIONS[name])
-    plugin = LambPlugin(**options) if name == "lamb" else LarsPlugin(**options)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=CPUDeepSpeedStrategy(stage=2), max_epochs=1,
-        callbacks=[BatchKitCallback([plugin])], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
-    module = Module()
-    loader = torch.utils.data.DataLoader(dataset(), batch_size=PER_RANK_BATCH, shuffle=False)
-    trainer.fit(module, loader)
-    if trainer.global_rank == 0:
-        assert trainer.global_step == STEPS, trainer.global_step
+    for case in cases:
+        name, stage, accumulate = parse_case(case)
+        options = dict(PLUGIN_OPTIONS[name])
+        plugin = LambPlugin(**options) if name == "lamb" else LarsPlugin(**options)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=WORLD, strategy=CPUDeepSpeedStrategy(stage=stage), max_epochs=1,
+            accumulate_grad_batches=accumulate, callbacks=[BatchKitCallback([plugin])], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+        module = Module(options["lr"])
+        loader = torch.utils.data.DataLoader(dataset(), batch_size=PER_RANK_BATCH, shuffle=False)
+        trainer.fit(module, loader)
+        assert trainer.global_step == STEPS // accumulate, trainer.global_step
         opt = trainer.strategy.deepspeed_engine.optimizer.optimizer  # ZeRO wrapper -> our optimizer
-        torch.save({"params": {k: v.detach().clone() for k, v in module.net.state_dict().items()},
-                    "optimizer_type": type(opt).__name__}, os.path.join(out_dir, f"{name}.pt"))
+        params = list(module.net.parameters())
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):  # every rank joins
+            state = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+        if trainer.global_rank == 0:
+            torch.save({"params": state, "optimizer_type": type(opt).__name__}, os.path.join(out_dir, f"{case}.pt"))
 
 
 if __name__ == "__main__":

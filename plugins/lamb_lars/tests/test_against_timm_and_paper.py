@@ -98,3 +98,100 @@ def test_lars_two_element_step_by_hand(impl, fused_cpu):
     local = 0.001 * w1.norm() / (0.5 + 0.1 * w1.norm())
     buf = 0.9 * torch.tensor([0.003, 0.004]) + local * (torch.tensor([0.3, 0.4]) + 0.1 * w1)
     torch.testing.assert_close(p.detach(), w1 - buf, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lr", [0.5, 2.0, 4.0])
+def test_larc_against_timm_where_the_readings_differ(impl, lr, timm_lars, h, fused_cpu):
+    """timm clips the zero-norm fallback ratio too (min(1/lr, 1)); ours, like apex LARC, does not.
+    Equal while lr <= 1; at lr > 1 apart on the all-zero tensor (its first step) and on the
+    zero-gradient one (whose weight decay timm scales by 1/lr), equal everywhere else."""
+    config = dict(lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True, trust_coeff=0.001, eps=1e-8)
+    a, _ = h.run_steps(lambda ps: Lars(ps, impl=impl, **config), steps=5)
+    b, _ = h.run_steps(lambda ps: timm_lars(ps, always_adapt=True, foreach=False, **config), steps=5)
+    special = (h.ALL_ZERO_PARAM, h.ZERO_GRAD)
+    others = [i for i in range(len(a)) if i not in special]
+    assert h.max_abs_diff([a[i] for i in others], [b[i] for i in others]) <= 1e-6
+    zero_weight, zero_grad = (h.max_abs_diff([a[i]], [b[i]]) for i in special)
+    if lr <= 1:
+        assert max(zero_weight, zero_grad) <= 1e-6
+    else:
+        assert zero_weight > 1e-2 and zero_grad > 1e-5
+
+
+def paper_lars(params, grads_per_step, lrs, momentum, weight_decay, trust_coeff, eps):
+    """You, Gitman, Ginsburg 2017, Algorithm 1, in float64, written from the paper:
+
+        lambda^l = eta ||w^l|| / (||grad^l|| + beta ||w^l|| + eps)   (1 where a norm is 0)
+        v^l      = m v^l + gamma_t lambda^l (grad^l + beta w^l)       (v^l = 0 before the first step)
+        w^l      = w^l - v^l
+    """
+    w = [p.detach().double().clone() for p in params]
+    v = [torch.zeros_like(x) for x in w]
+    for gamma, grads in zip(lrs, grads_per_step):
+        for layer, g in enumerate(grads):
+            g = g.double()
+            w_norm, g_norm = w[layer].norm(), g.norm()
+            local = trust_coeff * w_norm / (g_norm + weight_decay * w_norm + eps) if w_norm > 0 and g_norm > 0 else 1.0
+            v[layer] = momentum * v[layer] + gamma * local * (g + weight_decay * w[layer])
+            w[layer] = w[layer] - v[layer]
+    return w
+
+
+def warmup_then_step_decay(steps=60, peak=2.0, warmup=20, decay_at=(35, 50)):
+    """Linear warm-up from peak / warmup to peak, then x0.1 at each decay step (Goyal et al. style)."""
+    return [peak * (t + 1) / warmup if t < warmup else peak * 0.1 ** sum(t >= d for d in decay_at)
+            for t in range(steps)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lars_paper_form_matches_the_paper_under_warmup_and_step_decay(impl, h, fused_cpu):
+    lrs = warmup_then_step_decay()
+    options = dict(momentum=0.9, weight_decay=5e-4, trust_coeff=0.02, eps=1e-9)
+    shapes = [(33, 17), (3, 5, 7), (70_000,), (4, 4), (7,)]  # odd, multi-chunk; (4, 4) starts at zero
+    start = h.make_params(shapes=shapes)
+    start[3].detach().zero_()
+    grads = [h.make_grads(start, t) for t in range(len(lrs))]
+    expected = paper_lars(start, grads, lrs, **options)
+
+    def run(form):
+        params = [p.detach().clone().requires_grad_() for p in start]
+        opt = Lars(params, lr=lrs[0], impl=impl, momentum_form=form, **options)
+        for lr, step_grads in zip(lrs, grads):
+            opt.param_groups[0]["lr"] = lr  # what an LR scheduler does
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    paper, sgd = run("paper"), run("sgd")
+    moved = h.max_abs_diff(expected, start)
+    assert moved > 0.05
+    assert h.max_abs_diff(paper, expected) <= 1e-5  # fp32 against float64: 2.9e-6 after moving 5.2
+    # the SGD form (lr outside the buffer) is a different trajectory under this schedule
+    assert h.max_abs_diff(sgd, expected) > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lars_paper_form_two_steps_by_hand(impl, fused_cpu):
+    """lr 1 then 0.5 on w = (3, 4), g = (0.3, 0.4), m 0.9, beta 0.1, eta 0.001:
+    v1 = 1 * 0.005 (0.6, 0.8); w1 = w - v1; v2 = 0.9 v1 + 0.5 lambda_2 (g + 0.1 w1); w2 = w1 - v2.
+    The SGD form would take w1 - 0.5 (0.9 buf1 + lambda_2 (g + 0.1 w1)) instead."""
+    p = torch.tensor([3.0, 4.0], requires_grad=True)
+    opt = Lars([p], lr=1.0, momentum=0.9, weight_decay=0.1, trust_coeff=0.001, eps=0.0, impl=impl,
+               momentum_form="paper")
+    p.grad = torch.tensor([0.3, 0.4])
+    opt.step()
+    v1 = torch.tensor([0.003, 0.004])
+    w1 = torch.tensor([3.0, 4.0]) - v1
+    torch.testing.assert_close(p.detach(), w1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], v1, rtol=0, atol=1e-7)
+    opt.param_groups[0]["lr"] = 0.5
+    p.grad = torch.tensor([0.3, 0.4])
+    opt.step()
+    local = 0.001 * w1.norm() / (0.5 + 0.1 * w1.norm())
+    d = local * (torch.tensor([0.3, 0.4]) + 0.1 * w1)
+    v2 = 0.9 * v1 + 0.5 * d
+    torch.testing.assert_close(p.detach(), w1 - v2, rtol=0, atol=1e-6)
+    sgd_form = w1 - 0.5 * (0.9 * v1 + d)
+    assert (sgd_form - (w1 - v2)).abs().max() > 1e-4

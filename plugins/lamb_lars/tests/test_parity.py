@@ -116,3 +116,35 @@ def test_fused_stash_is_bit_identical(name, dtype, h, fused_cpu):
     b, _ = h.run_steps(lambda ps: Lamb(ps, impl="fused", stash_update=False, **config), steps=15, dtype=dtype)
     assert h.max_abs_diff(a, h.make_params(dtype)) > 0
     assert h.max_abs_diff(a, b) == 0.0
+
+
+@pytest.mark.parametrize("lr", [0.5, 2.0, 4.0])
+def test_larc_zero_norm_tensors_take_a_plain_unclipped_step(lr, h, fused_cpu):
+    """trust_clip: where a norm is zero the ratio is 1 and is not clipped (apex LARC), on every
+    path. w = 0, g = 1 moves to -lr (clipping the fallback, as timm does, would give -min(lr, 1));
+    a zero-gradient tensor decays at the plain lr."""
+    for impl in ("reference", "foreach", "fused"):
+        w = torch.zeros(3, requires_grad=True)
+        w.grad = torch.ones(3)
+        z = torch.full((2,), 0.5, requires_grad=True)
+        z.grad = torch.zeros(2)
+        a = torch.full((4,), 2.0, requires_grad=True)  # both norms nonzero: the ratio is clipped
+        a.grad = torch.full((4,), 0.1)
+        opt = Lars([w, z, a], lr=lr, momentum=0.9, weight_decay=0.01, trust_clip=True, trust_coeff=0.05, impl=impl)
+        opt.step()
+        torch.testing.assert_close(w.detach(), torch.full((3,), -lr), rtol=0, atol=1e-7, msg=impl)
+        torch.testing.assert_close(z.detach(), torch.full((2,), 0.5 - lr * 0.01 * 0.5), rtol=0, atol=1e-7, msg=impl)
+        local = min(0.05 * 4.0 / (0.2 + 0.01 * 4.0 + 1e-8) / lr, 1.0)  # eta ||a|| / (||g|| + wd ||a|| + eps), clipped
+        torch.testing.assert_close(a.detach(), torch.full((4,), 2.0 - lr * local * (0.1 + 0.01 * 2.0)),
+                                   rtol=0, atol=1e-6, msg=impl)
+
+
+@pytest.mark.parametrize("lr", [0.5, 2.0, 4.0])
+def test_larc_paths_agree_over_100_steps_at_every_lr(lr, h, fused_cpu):
+    """The mixed tensors include an all-zero parameter and a zero-gradient one."""
+    config = dict(lr=lr, momentum=0.9, weight_decay=1e-4, trust_clip=True)
+    out = _three_paths(Lars, config, h)
+    start = h.make_params()
+    assert h.max_abs_diff([out["reference"][h.ALL_ZERO_PARAM]], [start[h.ALL_ZERO_PARAM]]) > 1e-2
+    assert h.max_abs_diff(out["reference"], out["foreach"]) <= 1e-6
+    assert h.max_abs_diff(out["reference"], out["fused"]) <= 1e-6

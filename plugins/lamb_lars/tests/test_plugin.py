@@ -61,5 +61,17 @@ def test_lars_plugin_takes_momentum_from_sgd_and_can_keep_groups():
     assert new.param_groups[0]["momentum"] == 0.8 and new.param_groups[0]["lr"] == 0.1
 
 
+def test_yaml_lars_options_reach_the_optimizer_and_bad_ones_are_refused():
+    cfg = batchkit_config.load_config({"batchkit": {"plugins": {
+        "opt": {"plugin": "lars", "momentum_form": "paper", "trust_clip": True, "lr": 2.0},
+    }}})
+    (plugin,) = batchkit_config.build_plugins(batchkit_config.plugin_entries(cfg))
+    new = plugin.batchkit_wrap_optimizer(torch.optim.SGD(Net().parameters(), lr=0.1), Net())
+    assert all(g["momentum_form"] == "paper" and g["trust_clip"] and g["lr"] == 2.0 for g in new.param_groups)
+    cfg = batchkit_config.load_config({"batchkit": {"plugins": {"opt": {"plugin": "lars", "momentum": 1.5}}}})
+    with pytest.raises(Exception, match=r"momentum=1.5 is invalid; it must be a number in \[0, 1\)"):
+        batchkit_config.build_plugins(batchkit_config.plugin_entries(cfg))
+
+
 def test_plugins_declare_their_conflict():
     assert "lars" in LambPlugin.conflicts and "lamb" in LarsPlugin.conflicts

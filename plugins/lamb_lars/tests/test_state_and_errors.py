@@ -58,6 +58,11 @@ def test_torch_default_load_would_downcast(h):
         (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0"),
         (dict(impl="cuda"), "impl='cuda'"),
         (dict(trust_clamp=(2.0, 1.0)), "trust_clamp=(2.0, 1.0)"),
+        (dict(betas=0.9), "betas=0.9 must be a pair (beta1, beta2), e.g. betas=(0.9, 0.999)"),
+        (dict(betas=(0.9, 0.99, 0.999)), "must be a pair"),
+        (dict(betas="ab"), "betas='ab' must be a pair"),
+        (dict(phi=(1.0,)), "phi=(1.0,)"),
+        (dict(eps=float("nan")), "eps=nan"),
     ],
 )
 def test_lamb_rejects_bad_options(kwargs, fragment):
@@ -80,6 +85,14 @@ def test_bad_option_in_a_param_group_is_caught():
         (dict(eps=-1.0), "eps=-1.0"),
         (dict(nesterov=True, momentum=0.0), "nesterov=True"),
         (dict(trust_clip=True, lr=0.0), "trust_clip=True"),
+        (dict(momentum=1.5), "momentum=1.5 is invalid; it must be a number in [0, 1)"),
+        (dict(momentum=1.0), "momentum=1.0"),
+        (dict(dampening=2), "dampening=2 is invalid; it must be a number in [0, 1]"),
+        (dict(momentum=float("nan")), "momentum=nan"),
+        (dict(lr=float("inf")), "lr=inf"),
+        (dict(lr=True), "lr=True"),
+        (dict(weight_decay="0.1"), "weight_decay='0.1'"),
+        (dict(momentum_form="timm"), "momentum_form='timm'; choose 'sgd'"),
     ],
 )
 def test_lars_rejects_bad_options(kwargs, fragment):
@@ -176,3 +189,57 @@ def test_layerwise_param_groups_excludes_biases_and_norms():
     opt.step()
     # excluded => plain Adam step of size ~lr per element, not a trust-ratio-scaled one
     assert (model[1].weight.detach() - before).abs().max().item() == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_lars_momentum_and_dampening_out_of_range_together_are_refused():
+    with pytest.raises(ValueError, match=r"Lars: momentum=1.5 is invalid.*momentum=0.9"):
+        Lars([torch.zeros(2, requires_grad=True)], momentum=1.5, dampening=2)
+    with pytest.raises(ValueError, match=r"Lars: dampening=2 is invalid"):
+        Lars([torch.zeros(2, requires_grad=True)], momentum=0.5, dampening=2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numpy_and_tensor_scalars_are_accepted_as_numbers(impl, h, fused_cpu):
+    """np.float32 / np.float64 / np.int64 / 0-dim tensors work like Python floats, with the same result."""
+    np = pytest.importorskip("numpy")
+    lamb_np = dict(lr=np.float32(1e-2), weight_decay=np.float64(0.01), betas=(np.float32(0.9), np.float64(0.999)),
+                   eps=np.float32(1e-6), max_grad_norm=np.int64(1), trust_clamp=np.array([0.0, 10.0]))
+    lamb_py = dict(lr=float(np.float32(1e-2)), weight_decay=0.01, betas=(float(np.float32(0.9)), 0.999),
+                   eps=float(np.float32(1e-6)), max_grad_norm=1.0, trust_clamp=(0.0, 10.0))
+    lars_np = dict(lr=np.float32(0.5), momentum=np.float64(0.9), weight_decay=torch.tensor(1e-4, dtype=torch.float64),
+                   trust_coeff=np.float32(0.02), dampening=np.int32(0))
+    lars_py = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, trust_coeff=float(np.float32(0.02)), dampening=0.0)
+    for cls, given, plain in ((Lamb, lamb_np, lamb_py), (Lars, lars_np, lars_py)):
+        a, opt = h.run_steps(lambda ps: cls(ps, impl=impl, **given), steps=3)
+        b, _ = h.run_steps(lambda ps: cls(ps, impl=impl, **plain), steps=3)
+        assert h.max_abs_diff(a, b) == 0.0, cls.__name__
+        group = opt.param_groups[0]
+        assert type(group["lr"]) is float and type(group["weight_decay"]) is float
+        if cls is Lamb:
+            assert all(type(beta) is float for beta in group["betas"])
+
+
+def test_a_resumed_lars_keeps_the_momentum_form_its_buffer_was_written_in():
+    """The buffer holds lr * (SGD form's buffer) in the paper's form: a checkpoint must not be read
+    in the other form. Old checkpoints (no momentum_form key) load as the SGD form."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Lars([p], lr=0.5, momentum_form="paper")
+    p.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    resumed = Lars([torch.nn.Parameter(p.detach().clone())], lr=0.5)  # built with the default form
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["momentum_form"] == "paper"
+    old_groups = [{k: v for k, v in g.items() if k != "momentum_form"} for g in state["param_groups"]]
+    old = {**state, "param_groups": old_groups}
+    q = torch.nn.Parameter(p.detach().clone())
+    legacy = Lars([q], lr=0.5, momentum_form="paper")
+    legacy.load_state_dict(old)
+    q.grad = torch.ones(3)
+    legacy.step()  # runs as the SGD form: w - lr * (m buf + d)
+    expected = Lars([torch.nn.Parameter(p.detach().clone())], lr=0.5)
+    expected.load_state_dict(old)
+    r = expected.param_groups[0]["params"][0]
+    r.grad = torch.ones(3)
+    expected.step()
+    assert torch.equal(q.detach(), r.detach())

@@ -4,7 +4,9 @@
   over both ranks' data at once, and the parameter update (SGD, so ``-lr * averaged gradient``)
   equals the one that single-process loss gives.
 * With accumulation over 2 micro-batches: the counts ``f`` is computed from at micro-step k are the
-  all-reduced counts of micro-steps 1..k (Algorithm 1), and the buffer resets at the optimizer step.
+  all-reduced counts of micro-steps 1..k (Algorithm 1), the buffer resets at the optimizer step,
+  and the two SGD updates equal those of one process minimising the same accumulated objective
+  (under DeepSpeed too: batchkit/deepspeed_compat.py keeps DeepSpeed from dividing the loss twice).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_moe import TinyMoE  # noqa: E402
 from tiny_moe import TokenDataset  # noqa: E402
+from tiny_moe import reference_accumulated_global_lbl  # noqa: E402
 from tiny_moe import reference_global_lbl  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
@@ -91,3 +94,22 @@ def test_accumulation_uses_cumulative_all_reduced_counts_and_resets_at_the_step(
         assert torch.equal(used[2], summed[2])  # step 2 starts from an empty buffer
         assert torch.equal(used[3], summed[2] + summed[3])
         assert used[1][0, -1] == 2 * 2 * 2 * 5  # T: 2 micro-steps x 2 ranks x 2 sequences x 5 tokens
+
+    # The update: two SGD steps of one process on the accumulated objective of each step.
+    model = model_at(ranks[0]["initial"])
+    data = TokenDataset().x
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    for step in range(2):
+        micro = [[data[r["micro_batches"][2 * step + k]["indices"]] for r in ranks] for k in range(2)]
+        model.zero_grad()
+        reference_accumulated_global_lbl(model, micro, top_k=2).backward()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.grad is not None:
+                    param -= model.lr * param.grad
+    for name, param in model.named_parameters():
+        for r in ranks:
+            assert torch.allclose(torch.tensor(r["final"][name]), param.detach(), atol=1e-6), (strategy, name)
+    # the steps moved the router by far more than the tolerance, so a 1/N-sized update is caught above
+    moved = model.layers[0].router.gate.weight.detach() - initial["layers.0.router.gate.weight"]
+    assert moved.abs().max() > 1e-3

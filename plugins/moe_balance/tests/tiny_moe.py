@@ -90,3 +90,31 @@ def reference_global_lbl(model: TinyMoE, x: torch.Tensor, top_k: int) -> torch.T
         losses.append(E * (f * P).sum())
         h = layer(h)
     return torch.stack(losses).mean()
+
+
+def reference_accumulated_global_lbl(model: TinyMoE, micro_batches: list[list[torch.Tensor]],
+                                     top_k: int) -> torch.Tensor:
+    """What one optimizer step with accumulation minimises in global mode, written out independently
+    of the plugin. ``micro_batches[k][r]`` is rank r's k-th micro-batch. Micro-step k's ``f`` comes
+    from the counts and tokens of micro-steps 1..k over all ranks (Algorithm 1); each rank's ``P``
+    is its own; the result is the mean over ranks (the data-parallel gradient mean) and over
+    micro-steps (Lightning divides each micro-batch loss by N), so its gradient is the step's."""
+    counts: list[torch.Tensor | None] = [None] * len(model.layers)
+    tokens = [0] * len(model.layers)
+    total = torch.zeros(())
+    for ranks_x in micro_batches:
+        hs = list(ranks_x)
+        per_rank: list[list[torch.Tensor]] = [[] for _ in hs]
+        for i, layer in enumerate(model.layers):
+            E = layer.router.gate.out_features
+            probs = [torch.softmax(layer.router(h).reshape(-1, E).float(), -1) for h in hs]
+            c = sum(torch.stack([(p.topk(top_k, -1).indices == e).sum() for e in range(E)]).float() for p in probs)
+            counts[i] = c if counts[i] is None else counts[i] + c
+            tokens[i] += sum(p.shape[0] for p in probs)
+            f = counts[i] / (top_k * tokens[i])
+            for r, p in enumerate(probs):
+                per_rank[r].append(E * (f * p.mean(0)).sum())
+            hs = [layer(h) for h in hs]
+        for losses in per_rank:
+            total = total + torch.stack(losses).mean()
+    return total / (len(micro_batches) * len(micro_batches[0]))
