@@ -117,13 +117,17 @@ def resize_batch(batch: Any, size: Sequence[int], *, input_key: int | str = 0, *
 
 
 def collate_at_size(samples: Sequence[Any], size: Sequence[int] | None, collate_fn: Callable[[list], Any] = default_collate,
-                    *, input_key: int | str = 0, **kw: Any) -> Any:
+                    *, input_key: int | str = 0, offset: int | None = None, **kw: Any) -> Any:
     """Collate ``samples`` with ``collate_fn`` and make the batch's input ``size`` (``None``: as is).
 
-    Resizes the collated batch in one call (one strided copy and one interpolation for the batch,
-    cheaper than one per sample on a worker's CPU)."""
-    batch = collate_fn(list(samples))
-    return batch if size is None else resize_batch(batch, size, input_key=input_key, **kw)
+    Frames are strided per sample first (views: the collate then copies only the frames kept), and
+    the collated batch is resized in one call (cheaper than one interpolation per sample)."""
+    samples = list(samples)
+    if size is None:
+        return collate_fn(samples)
+    if len(size) == 3:
+        samples = [_replace_input(s, input_key, lambda x: stride_frames(x, size[0], offset)) for s in samples]
+    return resize_batch(collate_fn(samples), size, input_key=input_key, offset=offset, **kw)
 
 
 def input_size(dataset: Any, *, input_key: int | str = 0) -> tuple[int, ...]:
