@@ -19,6 +19,9 @@ must be much cheaper per sample. From them, the predicted training time of the w
 schedule against the baseline's: compute only; compute + data in one process (num_workers=0);
 and data in a worker on a free core (each batch costs the slower of the two).
 
+The shape timing holds the machine's CPU lock (``/tmp/bk-cpu.lock``) exclusively, the training
+runs shared, as the other benchmarks here do.
+
 Part ``baseline``: plain Lightning training at the base shape, per seed (initialisation and
 shuffle): training time per epoch (wall clock, validation excluded) and validation accuracy after
 every epoch.
@@ -29,13 +32,17 @@ Writes benchmarks/results/multigrid_baseline.json.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import math
 import statistics
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
@@ -44,6 +51,7 @@ from _common import reexec_with_stable_malloc  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multigrid_baseline.json"
 
+LOCK = "/tmp/bk-cpu.lock"  # the machine's CPU lock: timing holds it exclusively, training shared
 BATCH_SIZE = 32
 LR = 0.05
 CHANNELS = 16
@@ -56,6 +64,16 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def cpu_lock(exclusive: bool) -> Iterator[None]:
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def shape_costs(epochs: int, milestones: list[int], repeats: int, steps: int) -> dict[str, Any]:
@@ -110,7 +128,7 @@ def shape_costs(epochs: int, milestones: list[int], repeats: int, steps: int) ->
     rows = []
     for s in shapes:
         rows.append({
-            "batch_size": s[0], "size": list(s[1]), "voxels_per_sample": int(__import__("math").prod(s[1])),
+            "batch_size": s[0], "size": list(s[1]), "voxels_per_sample": math.prod(s[1]),
             "step_ms": 1e3 * statistics.median(step_s[s]), "step_ms_per_sample": 1e3 * per_sample[s],
             "data_ms_per_sample": 1e3 * data_per_sample[s],
             "step_cost_per_sample_vs_base": per_sample[s] / per_sample[base_shape],
@@ -155,7 +173,6 @@ def shape_costs(epochs: int, milestones: list[int], repeats: int, steps: int) ->
 
 def baseline_run(seed: int, epochs: int, milestones: list[int], num_workers: int) -> dict[str, Any]:
     import lightning.pytorch as pl
-    import torch
 
     from batchkit_examples.moving_digits import MovingDigitsCNN
     from batchkit_examples.moving_digits import MovingDigitsDataModule
@@ -193,7 +210,6 @@ def baseline_run(seed: int, epochs: int, milestones: list[int], num_workers: int
                          callbacks=[clock], deterministic=True)
     start = time.perf_counter()
     trainer.fit(model, dm)
-    torch.set_num_threads(1)
     return {"seed": seed, "epoch_train_s": clock.epoch_s, "val_acc": clock.val_acc,
             "final_val_acc": clock.val_acc[-1], "fit_wall_s": time.perf_counter() - start}
 
@@ -207,19 +223,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON to update (default %(default)s)")
     args = parser.parse_args()
     reexec_with_stable_malloc()
     import torch
 
     torch.set_num_threads(1)
     quiet()
-    result: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    result["machine"] = machine()
-    result["command"] = "python " + " ".join(sys.argv)
+    out: Path = args.results
+    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    command = "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(sys.argv)
     summary = result.setdefault("summary", {})
     if args.part in ("shapes", "both"):
-        costs = shape_costs(args.epochs, args.milestones, args.repeats, args.steps)
-        result["shapes"] = costs
+        with cpu_lock(exclusive=True):
+            where = machine()
+            costs = shape_costs(args.epochs, args.milestones, args.repeats, args.steps)
+        result["shapes"] = {"command": command, "machine": where, **costs}
         print(costs["schedule"])
         for row in costs["shapes"]:
             print(f"b={row['batch_size']:>4} size={tuple(row['size'])!s:<14} step {row['step_ms']:8.1f} ms  "
@@ -231,21 +250,23 @@ def main() -> None:
                         "predicted_speedup_with_data_in_process": prediction["speedup_with_data_in_process"],
                         "predicted_speedup_with_data_in_a_worker": prediction["speedup_with_data_in_a_worker_on_a_free_core"]})
     if args.part in ("baseline", "both"):
-        runs = []
+        runs, where = [], machine()
         for seed in args.seeds:
-            run = baseline_run(seed, args.epochs, args.milestones, args.num_workers)
+            with cpu_lock(exclusive=False):
+                run = baseline_run(seed, args.epochs, args.milestones, args.num_workers)
             print(f"seed {seed}: epoch s {[round(s, 1) for s in run['epoch_train_s']]} "
                   f"val/acc {[round(a, 3) for a in run['val_acc']]}", flush=True)
             runs.append(run)
-        result["baseline"] = {"epochs": args.epochs, "milestones": args.milestones, "batch_size": BATCH_SIZE,
+        result["baseline"] = {"command": command, "machine": where, "epochs": args.epochs, "milestones": args.milestones,
+                              "batch_size": BATCH_SIZE,
                               "lr": LR, "channels": CHANNELS, "num_workers": args.num_workers, "per_seed": runs}
         summary.update({
             "baseline_final_acc": statistics.mean(r["final_val_acc"] for r in runs),
             "baseline_final_acc_per_seed": [r["final_val_acc"] for r in runs],
             "baseline_epoch_s_median": statistics.median(s for r in runs for s in r["epoch_train_s"]),
         })
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 
