@@ -1,6 +1,7 @@
 """2-process job for the host API (DDP on gloo, or DeepSpeed ZeRO-2 on CPU), run by
 test_distributed.py: global batches from the unsharded base sampler with metadata, split across
-ranks by the host, then a super-batch plugin that selects over the global super-batch.
+ranks by the host, then a super-batch plugin that selects over the global super-batch; a
+prepare-data artefact built once for both ranks; a loader rebuild and an lr scale from epoch 1.
 
     python tests/host_api_job.py --strategy ddp|deepspeed --out DIR
 """
@@ -16,6 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
+from host_api_plugins import PrepareOnceScaleAndRebuild  # noqa: E402
 from host_api_plugins import SelectGlobally  # noqa: E402
 from host_api_plugins import TagBatches  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -38,9 +40,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
-    tagger, selector = TagBatches(global_batches=True), SelectGlobally()
+    tagger, selector, prepare = TagBatches(global_batches=True), SelectGlobally(), PrepareOnceScaleAndRebuild(args.out)
     # the metadata field AppendMeta adds holds 3 numbers for the whole batch: declared shared
-    callback = BatchKitCallback([tagger, selector], batch_spec={"shared": ["3"]})
+    callback = BatchKitCallback([tagger, selector, prepare], batch_spec={"shared": ["3"]}, cache_dir=f"{args.out}/cache")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp" if args.strategy == "ddp" else CPUDeepSpeedStrategy(stage=2),
         max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -57,6 +59,9 @@ def main() -> None:
         "sampler_lengths": tagger.sampler_lengths,
         "global_step": trainer.global_step,
         "train_batch_size": trainer.train_dataloader.batch_sampler.batch_size,
+        "artefact_n": prepare.artefact["n"],
+        "lr_in_step": prepare.lr_in_step,
+        "lr_after": trainer.optimizers[0].param_groups[0]["lr"],
     })
 
 

@@ -101,3 +101,37 @@ class AppendMeta:
         meta = batch_meta()
         x, y, idx = self.inner(samples)
         return [x, y, idx, torch.tensor([meta["position"], meta["epoch"], meta["first"]])]
+
+
+class PrepareOnceScaleAndRebuild(Plugin):
+    """prepare-data through the artefact cache (rank 0 builds, every rank loads); from epoch 1 on,
+    a loader rebuild and an lr scale of 3; records the lr each step() sees."""
+
+    name = "prepare_scale_rebuild"
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.artefact: Any = None
+        self.lr_in_step: list[float] = []
+
+    @hookimpl
+    def batchkit_prepare_data(self, dataset: Any, cache: Any, ctx: Any) -> None:
+        def build() -> dict[str, Any]:
+            with open(f"{self.out}/builds.txt", "a") as f:
+                f.write(f"{ctx.rank}\n")
+            return {"n": len(dataset), "first": dataset.x[0]}
+
+        self.artefact = cache.get_or_create(cache.key("job", dataset.x), build)
+
+    @hookimpl
+    def batchkit_fit_start(self, ctx: Any) -> None:
+        from batchkit import _compat
+
+        for optimizer in _compat.torch_optimizers(ctx.trainer):
+            optimizer.register_step_pre_hook(lambda opt, a, k: self.lr_in_step.append(float(opt.param_groups[0]["lr"])))
+
+    @hookimpl
+    def batchkit_epoch_end(self, epoch: int) -> None:
+        if epoch == 0:
+            self.host.request_loader_rebuild("test")
+            self.host.set_lr_scale(self, 3.0)

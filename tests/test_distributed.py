@@ -100,7 +100,13 @@ def test_a_sampler_chain_with_different_lengths_per_rank_is_refused_at_start(tmp
 def test_global_batches_metadata_and_global_selection_on_two_ranks(tmp_path: Path, strategy: str) -> None:
     a, b = run_two_ranks(Path(__file__).parent / "host_api_job.py", tmp_path, "--strategy", strategy)
     # the unsharded base sampler: one global batch of 16 per step, the same number on both ranks
-    assert a["sampler_lengths"] == b["sampler_lengths"] == [4] and a["global_step"] == b["global_step"] == 8
+    # built at the start and rebuilt once on request, in lockstep
+    assert a["sampler_lengths"] == b["sampler_lengths"] == [4, 4] and a["global_step"] == b["global_step"] == 8
+    # the prepare-data artefact: rank 0 built it once, both ranks loaded it
+    assert (tmp_path / "builds.txt").read_text() == "0\n" and a["artefact_n"] == b["artefact_n"] == 64
+    # the lr scale (3 from epoch 1) inside every step() only, under DDP and inside DeepSpeed's optimizer
+    for r in (a, b):
+        assert r["lr_in_step"] == pytest.approx([0.05] * 4 + [0.15] * 4) and r["lr_after"] == pytest.approx(0.05)
     assert a["train_batch_size"] == b["train_batch_size"] == 4
     for step, (mine, theirs) in enumerate(zip(a["super_ids"], b["super_ids"])):
         # the host split each global batch: disjoint halves of 8 ...
