@@ -67,15 +67,21 @@ def status(description: str, *, enabled: bool) -> Iterator[None]:
 
 
 class StepTimer:
-    """Wall-clock seconds per named step, in the order the steps ran."""
+    """Wall-clock and CPU seconds per named step, in the order the steps ran.
+
+    CPU seconds (all threads of this process) say how much work a step is on a shared machine,
+    where wall-clock time depends on what else runs.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start

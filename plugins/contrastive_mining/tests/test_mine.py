@@ -88,6 +88,7 @@ class CountingTeacher:
     (dict(K=25, remainder="pad"), "remainder", "drop"),
     (dict(K=25, hard_negatives=-1), "hard_negatives", "use 0"),
     (dict(K=25, p=1.5), "p", "integer"),
+    (dict(K=25, teacher_dtype="float16"), "teacher_dtype", "bfloat16"),
 ])
 def test_bad_options_fail_before_the_teacher_runs(kwargs, option, fix):
     teacher = CountingTeacher()

@@ -23,6 +23,8 @@ def test_default_teacher_package_missing_is_a_clear_error(monkeypatch):
 def test_teacher_that_is_no_model_is_a_clear_error(tmp_path):
     with pytest.raises(MiningError, match=r"option `teacher`.*neither .*nor a local model directory"):
         load_teacher(str(tmp_path / "nowhere"))
+    with pytest.raises(MiningError, match=r"option `teacher_dtype`.*use one of float32, bfloat16"):
+        load_teacher(dtype="float16")
     with pytest.raises(MiningError, match=r"option `teacher`: the teacher at .* cannot load"):
         load_teacher(tmp_path)  # an empty directory
     with pytest.raises(MiningError, match=r"option `teacher`.*cannot load"):
