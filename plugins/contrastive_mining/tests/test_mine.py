@@ -117,3 +117,16 @@ def test_callable_teacher_and_mismatched_targets():
         mine(texts, texts[:10], teacher=teacher, K=16, progress=False)
     with pytest.raises(MiningError, match="both be texts or both embeddings"):
         mine(texts, np.zeros((64, 8), dtype=np.float32), teacher=teacher, K=16, progress=False)
+
+
+def test_progress_bars_change_nothing_and_survive_another_live_display():
+    from rich.progress import Progress
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    quiet = mine(x, p=2, m=10, K=16, hard_negatives=2, progress=False)
+    shown = mine(x, p=2, m=10, K=16, hard_negatives=2, progress=True)
+    with Progress():  # e.g. a Lightning RichProgressBar already owns the terminal
+        inside = mine(x, p=2, m=10, K=16, hard_negatives=2, progress=True)
+    for r in (shown, inside):
+        assert r.clusters == quiet.clusters and np.array_equal(r.hard_negatives, quiet.hard_negatives)
