@@ -113,6 +113,10 @@ def test_callable_teacher_and_mismatched_targets():
     result = mine(texts, teacher=teacher, p=2, m=10, K=16, embed_batch_size=16, progress=False)
     assert teacher.calls == 4 and result.options["teacher"] == "counting"
     assert_partition(result.clusters, 64, 16)
+    paired = mine(texts, [f"code {i}" for i in range(64)], teacher=teacher, p=2, m=10, K=16, embed_batch_size=16,
+                  progress=False)
+    assert teacher.calls == 4 + 8  # queries and targets both embedded
+    assert_partition(paired.clusters, 64, 16)
     with pytest.raises(MiningError, match="option `targets`"):
         mine(texts, texts[:10], teacher=teacher, K=16, progress=False)
     with pytest.raises(MiningError, match="both be texts or both embeddings"):
