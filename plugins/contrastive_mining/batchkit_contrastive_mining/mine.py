@@ -172,20 +172,20 @@ def mine(
 
     timer = StepTimer()
     with timer.step("total"):
+        if texts and (isinstance(teacher, str) or hasattr(teacher, "__fspath__")):
+            with timer.step("teacher_load"):
+                teacher = load_teacher(teacher, max_seq_length=max_seq_length, dtype=teacher_dtype)
         with timer.step("embed"):
             if texts:
-                if isinstance(teacher, str) or hasattr(teacher, "__fspath__"):
-                    teacher = load_teacher(teacher, max_seq_length=max_seq_length, dtype=teacher_dtype)
-                elif not callable(teacher):
+                if not callable(teacher):
                     raise MiningError("teacher", f"expected {DEFAULT_TEACHER!r}, a model directory or a callable, "
                                       f"got {type(teacher).__name__}", "pass one of those")
                 queries = embed_texts(data, teacher, batch_size=embed_batch_size, progress=progress)
                 keys = embed_texts(targets, teacher, batch_size=embed_batch_size,
                                    progress=progress) if targets is not None else None
             else:
-                queries = normalize_rows(np.asarray(_to_numpy(data), dtype=np.float32))
-                keys = normalize_rows(np.asarray(_to_numpy(targets), dtype=np.float32)) if targets is not None \
-                    else None
+                queries = _embeddings(data, "data")
+                keys = _embeddings(targets, "targets") if targets is not None else None
                 teacher = "precomputed-embeddings"
 
         with timer.step("neighbours"):
@@ -229,14 +229,21 @@ def mine(
                         options=opts.describe(teacher, n))
 
 
-def _to_numpy(x):
+def _embeddings(x, option: str) -> np.ndarray:
+    """``x`` as L2-normalised float32 rows, or a MiningError naming ``option``."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
     try:
-        import torch
-        if isinstance(x, torch.Tensor):
-            return x.detach().to("cpu", torch.float32).numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return x
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise MiningError(option, f"expected a list of strings or an (N, d) float array ({err})",
+                          "pass texts for the teacher, or precomputed embeddings") from err
+    if x.ndim != 2:
+        raise MiningError(option, f"expected a list of strings or an (N, d) float array, got shape {x.shape}",
+                          "pass texts for the teacher, or precomputed embeddings")
+    return normalize_rows(x)
 
 
 def _moved(labels: np.ndarray, clusters: list[list[int]]) -> np.ndarray:

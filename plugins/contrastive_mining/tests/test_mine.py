@@ -130,6 +130,8 @@ def test_callable_teacher_and_mismatched_targets():
     assert_partition(paired.clusters, 64, 16)
     with pytest.raises(MiningError, match="option `targets`"):
         mine(texts, texts[:10], teacher=teacher, K=16, progress=False)
+    with pytest.raises(MiningError, match="option `data`: expected a list of strings or an"):
+        mine(["text", 3] * 32, p=2, m=10, K=16, progress=False)
     with pytest.raises(MiningError, match="both be texts or both embeddings"):
         mine(texts, np.zeros((64, 8), dtype=np.float32), teacher=teacher, K=16, progress=False)
 
