@@ -22,7 +22,8 @@ def track(items: Iterable[T], *, total: int, description: str, enabled: bool) ->
         yield from items
         return
     from rich.errors import LiveError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
