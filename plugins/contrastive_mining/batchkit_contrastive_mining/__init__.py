@@ -1,0 +1,40 @@
+"""B3 contrastive batch mining (Thirukovalluru et al., "Breaking the Batch Barrier", NeurIPS 2025).
+
+Phase 1: the offline mining pipeline as pure functions. Each step is its own module:
+
+- :mod:`.teacher` -- teacher embeddings (the packaged MiniLM, offline, or any callable)
+- :mod:`.neighbours` -- top (p + m) neighbours of every query (exact, or faiss IVF for large N)
+- :mod:`.graph` -- the graph of mutual edges from ranks [p, p + m)
+- :mod:`.partition` -- METIS into N // K parts, rebalanced to exactly K per cluster
+- :mod:`.hard_negatives` -- per-example hard negatives from the pooled cluster ranks
+- :mod:`.mine` -- :func:`mine`, all of them composed, with a per-step timing breakdown
+"""
+
+from .errors import MiningError
+from .graph import MutualGraph, mutual_graph
+from .hard_negatives import cluster_hard_negatives, hard_negative_scores
+from .mine import ALGORITHM_VERSION, MiningOptions, MiningResult, mine
+from .neighbours import EXACT_MAX_N, top_neighbours
+from .partition import check_cluster_size, metis_partition, rebalance
+from .teacher import DEFAULT_TEACHER, SentenceTeacher, embed_texts, load_teacher
+
+__all__ = [
+    "ALGORITHM_VERSION",
+    "DEFAULT_TEACHER",
+    "EXACT_MAX_N",
+    "MiningError",
+    "MiningOptions",
+    "MiningResult",
+    "MutualGraph",
+    "SentenceTeacher",
+    "check_cluster_size",
+    "cluster_hard_negatives",
+    "embed_texts",
+    "hard_negative_scores",
+    "load_teacher",
+    "metis_partition",
+    "mine",
+    "mutual_graph",
+    "rebalance",
+    "top_neighbours",
+]
