@@ -10,6 +10,10 @@
     run can be repeated or resumed from its own saved config. Every other subcommand and flag of
     LightningCLI works unchanged.
 
+``batchkit prepare --config FILE.yaml [OVERRIDE ...]`` (also ``batchkit mine``)
+    Every plugin's prepare-data step (offline mining, teacher embeddings) on the config's training
+    data, once, into the artefact cache, without training; ``fit`` then loads the artefacts.
+
 ``batchkit plugins [--config FILE.yaml [OVERRIDE ...]]``
     The installed plugins: name, version, distribution, hooks implemented and declared order. With
     ``--config``, a dry run of that config: the overrides (and any LightningCLI flag) applied, every
@@ -56,7 +60,9 @@ _OVERRIDE_ARG = "--batchkit_override"
 
 _DESCRIPTION = (
     "batchkit: Lightning's CLI with a batchkit plugin list. Commands: fit, validate, test, predict "
-    "(LightningCLI; `batchkit fit --help`), and `batchkit plugins [--config FILE [OVERRIDES]]`: the "
+    "(LightningCLI; `batchkit fit --help`), `batchkit prepare --config FILE` (alias `mine`: run the plugins' "
+    "offline prepare-data steps into the artefact cache, no training), and "
+    "`batchkit plugins [--config FILE [OVERRIDES]]`: the "
     "installed plugins, and with --config a dry run of that config (overrides applied, plugins built, "
     "conflicts and setup checks run, chain order shown with its tryfirst/ordinary/trylast tiers). "
     "Override the plugin list with batchkit.plugins.ENTRY.OPTION=VALUE or "
@@ -145,8 +151,9 @@ def _cli_class() -> type:
     class BatchKitCLI(LightningCLI):
         """LightningCLI plus the ``batchkit`` section; ``dry_run=True`` stops after the setup checks."""
 
-        def __init__(self, *args: Any, dry_run: bool = False, **kwargs: Any) -> None:
-            self.dry_run = dry_run
+        def __init__(self, *args: Any, dry_run: bool = False, prepare: bool = False, **kwargs: Any) -> None:
+            self.dry_run = dry_run or prepare
+            self.prepare = prepare
             self.dry_run_report: list[str] = []
             super().__init__(*args, **kwargs)
 
@@ -176,21 +183,81 @@ def _cli_class() -> type:
             return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
         def after_instantiate_classes(self) -> None:
-            if self.dry_run:
+            if self.prepare:
+                self.dry_run_report = _prepare_data(self.trainer, self.model, self.datamodule)
+                self.subcommand = None
+            elif self.dry_run:
                 self.dry_run_report = _setup_checks(self.trainer, self.model)
                 self.subcommand = None  # LightningCLI runs the subcommand only when one is set
 
     return BatchKitCLI
 
 
-def run_fit_cli(argv: list[str], dry_run: bool = False) -> Any:
+def run_fit_cli(argv: list[str], dry_run: bool = False, prepare: bool = False) -> Any:
     """Run LightningCLI with the batchkit section; return the CLI object."""
     kwargs: dict[str, Any] = {"parser_kwargs": {"description": _DESCRIPTION}}
-    if dry_run:
+    if dry_run or prepare:
         kwargs["save_config_callback"] = None
     else:
         kwargs["save_config_kwargs"] = {"overwrite": True}
-    return _cli_class()(args=list(argv), dry_run=dry_run, **kwargs)
+    return _cli_class()(args=list(argv), dry_run=dry_run, prepare=prepare, **kwargs)
+
+
+# -- batchkit prepare ---------------------------------------------------------------------------
+
+
+def _prepare_data(trainer: Any, module: Any, datamodule: Any) -> list[str]:
+    """Run every plugin's prepare-data step on the config's training data, filling the artefact
+    cache, without training (what ``fit`` does before building its first train loader)."""
+    import time
+
+    from lightning_utilities.core.apply_func import apply_to_collection
+    from torch.utils.data import DataLoader
+
+    from batchkit.lightning import BatchKitCallback
+
+    callback = next(cb for cb in trainer.callbacks if isinstance(cb, BatchKitCallback))
+    host = callback.host
+    callback.setup(trainer, module, "fit")
+    try:
+        if datamodule is not None:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            loaders = datamodule.train_dataloader()
+        else:
+            loaders = module.train_dataloader()
+        datasets: list[Any] = []
+        apply_to_collection(loaders, DataLoader, lambda loader: datasets.append(loader.dataset))
+        host.ctx.device = module.device
+        report = []
+        for dataset in datasets:
+            started = time.perf_counter()
+            host.notify("batchkit_prepare_data", dataset=dataset, cache=callback.cache, ctx=host.ctx)
+            report.append(f"prepared {type(dataset).__name__} ({len(dataset)} samples) in {time.perf_counter() - started:.1f} s")
+        if not host.has_impls("batchkit_prepare_data"):
+            report.append("no plugin in the list has a prepare-data step: nothing to do")
+        cached = sorted(p.name for p in callback.cache.root.glob("*.pt")) if callback.cache.root.is_dir() else []
+        report.append(f"artefact cache {callback.cache.root}: {len(cached)} artefact(s)")
+        return report
+    finally:
+        callback.teardown(trainer, module, "fit")
+
+
+def prepare_command(argv: list[str]) -> list[str]:
+    """``batchkit prepare --config FILE [ARGS...]`` (also ``batchkit mine``)."""
+    if any(a in ("-h", "--help") for a in argv) or not argv:
+        return [_PREPARE_USAGE]
+    with _quiet_lightning():
+        cli = run_fit_cli(["fit", *argv], prepare=True)
+    return cli.dry_run_report
+
+
+_PREPARE_USAGE = """usage: batchkit prepare --config FILE.yaml [OVERRIDE ...]     (also: batchkit mine ...)
+
+Runs every plugin's prepare-data step (offline mining, teacher embeddings, indexes) on the config's
+training data once, filling the artefact cache ($BATCHKIT_CACHE_DIR, else ~/.cache/batchkit), and
+trains nothing. A `batchkit fit` of the same config then loads the artefacts instead of building
+them. Overrides and LightningCLI flags are accepted as for `batchkit fit`."""
 
 
 # -- the dry run --------------------------------------------------------------------------------
@@ -411,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "plugins":
             print(plugins_command(argv[1:]))
+            return 0
+        if argv and argv[0] in ("prepare", "mine"):
+            print("\n".join(prepare_command(argv[1:])))
             return 0
         run_fit_cli(argv)
     except Exception as exc:

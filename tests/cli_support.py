@@ -81,3 +81,24 @@ class RefusingModule(ClassifierModule):
     def __init__(self) -> None:
         super().__init__()
         raise PluginError("refusing_module: refused in __init__")
+
+
+class CountingMiner(Plugin):
+    """A third-party plugin with a prepare-data step: builds an artefact through the host's cache
+    and counts the builds (``BUILDS``), for the ``batchkit prepare`` tests."""
+
+    name = "counting_miner"
+    BUILDS: list[int] = []
+
+    def __init__(self, k: int = 3) -> None:
+        self.k = k
+        self.artefact: Any = None
+
+    @hookimpl
+    def batchkit_prepare_data(self, dataset: Any, cache: Any) -> None:
+        x = dataset.tensors[0]
+        self.artefact = cache.get_or_create(cache.key("counting_miner", x, {"k": self.k}), lambda: self._build(x))
+
+    def _build(self, x: torch.Tensor) -> torch.Tensor:
+        CountingMiner.BUILDS.append(self.k)
+        return x.norm(dim=1).topk(self.k).indices

@@ -206,11 +206,14 @@ def test_chain_table_shows_tiers_and_the_list_overrides(tmp_path: Path, capsys: 
 
 @pytest.fixture()
 def refuser_installed(tmp_path: Path):
-    """`setup_refuser` (tests/cli_support.py) installed as a third-party plugin: an entry point."""
+    """`setup_refuser` and `counting_miner` (tests/cli_support.py) installed as third-party
+    plugins: entry points."""
     info = tmp_path / "site" / "cli_support_plugins-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cli-support-plugins\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[batchkit.plugins]\nsetup_refuser = cli_support:SetupRefuser\n")
+    (info / "entry_points.txt").write_text(
+        "[batchkit.plugins]\nsetup_refuser = cli_support:SetupRefuser\ncounting_miner = cli_support:CountingMiner\n"
+    )
     sys.path.insert(0, str(info.parent))
     importlib.invalidate_caches()
     yield
@@ -275,3 +278,24 @@ def test_batchkit_error_in_finds_the_cause() -> None:
     except RuntimeError as outer:
         assert batchkit_error_in(outer) is inner
     assert batchkit_error_in(RuntimeError("plain")) is None
+
+
+# -- batchkit prepare (also: batchkit mine) ------------------------------------------------------
+
+
+def test_prepare_fills_the_cache_once_and_fit_then_loads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             refuser_installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli_support import CountingMiner
+
+    monkeypatch.setenv("BATCHKIT_CACHE_DIR", str(tmp_path / "cache"))
+    CountingMiner.BUILDS.clear()
+    config = fit_config(tmp_path, "miner: {plugin: counting_miner}")
+    rc, out, _ = run(["prepare", "--config", str(config)], capsys)
+    assert rc == 0 and CountingMiner.BUILDS == [3]
+    assert "prepared TensorDataset (32 samples)" in out and "1 artefact(s)" in out
+    rc, _, _ = run(["mine", "--config", str(config)], capsys)  # the alias; already cached
+    assert rc == 0 and CountingMiner.BUILDS == [3]
+    rc, _, _ = run(["fit", "--config", str(config)], capsys)
+    assert rc == 0 and CountingMiner.BUILDS == [3]  # fit loaded what prepare built
+    rc, _, _ = run(["prepare", "--config", str(config), "batchkit.plugins.miner.k=2"], capsys)
+    assert rc == 0 and CountingMiner.BUILDS == [3, 2]  # an option changed: a new artefact
