@@ -15,7 +15,9 @@ given Python build. Exact duplicates (the same summary or the same code twice) k
 first occurrence, so every query has exactly one right answer. Pairs are split into train and
 held-out *by module*: a module is held out when ``crc32(module path) % 100 < val_percent``, so no
 held-out function, nor any function of its module, is seen in training. On CPython 3.11.7 this
-gives :data:`DATASET_SIZE_NOTE`.
+gives 6,154 pairs from 393 modules: 5,324 for training and 830 held out (63 modules) at the
+default ``val_percent=15`` (``python -m batchkit_examples.code_pairs`` prints the counts; another
+Python version gives slightly different ones).
 
 **Tokens.** Nothing comes from the network: words and identifiers are split into lower-case pieces
 (``get_source_segment`` and ``getSourceSegment`` both give ``get``, ``source``, ``segment``, plus
@@ -55,12 +57,14 @@ noisy pair's concepts are those of the code it was given.
 **Hard negatives** (for B3): set a ``[N, k]`` table of dataset indices with
 :meth:`CodePairDataset.set_hard_negatives`; items then carry their row and the collate looks up the
 code of those examples. The model scores every query of the batch against every in-batch code *and*
-every hard-negative code of the batch (the hard negatives join the batch's candidate pool, as in B3's
-training), all as negatives, except a hard negative that is the query's own example, which is left
+every hard-negative code of the batch (the hard negatives join the batch's candidate pool, as in
+B3's released training loss, where each query is scored against all targets of the batch), all as
+negatives, except a hard negative that is the query's own example, which is left
 out of the loss. Without the keys the loss is plain SigLIP.
 
-**The model** (:class:`TwoTowerRetrieval`): a shared hashed-token embedding, and per tower
-attention pooling and a two-layer MLP to a unit-norm embedding. SigLIP (Zhai et al. 2023)::
+**The model** (:class:`TwoTowerRetrieval`): each tower is a weighted bag of hashed tokens, the
+token vectors shared by both towers and the token weights learnt per tower, normalised to unit
+length. SigLIP (Zhai et al. 2023)::
 
     logit_ij = t * <a_i, b_j> + b       t = exp(t'), learnable t' (init log 10) and b (init -10)
     l_ij     = -log sigmoid(z_ij * logit_ij),  z_ii = +1, z_ij = -1 (i != j)
@@ -104,8 +108,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset
-
-DATASET_SIZE_NOTE = "7,000-odd pairs (see docs: the exact count is printed by `python -m batchkit_examples.code_pairs`)"
 
 MIN_DOC_WORDS = 3
 MAX_DOC_CHARS = 300
@@ -398,13 +400,15 @@ class CodePairDataset(Dataset):
         if table is not None:
             table = torch.as_tensor(table, dtype=torch.long)
             if table.dim() != 2 or table.shape[0] != len(self):
-                raise ValueError(f"code_pairs: hard-negative table must be [N={len(self)}, k], got {tuple(table.shape)}")
+                raise ValueError(f"code_pairs: hard-negative table must be [N={len(self)}, k], "
+                                 f"got {tuple(table.shape)}")
             if len(table) and (table.min() < 0 or table.max() >= len(self)):
                 raise ValueError("code_pairs: hard-negative indices must be dataset indices in [0, N)")
         self.hard_negatives = table
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {"index": i, "doc_ids": self.doc_tokens[i], "code_ids": self.code_tokens[i], "noisy": bool(self.noisy[i]),
+        item = {"index": i, "doc_ids": self.doc_tokens[i], "code_ids": self.code_tokens[i],
+                "noisy": bool(self.noisy[i]),
                 "doc_text": self.doc_texts[i], "code_text": self.code_texts[i], "concepts": self.concepts[i]}
         if self.hard_negatives is not None:
             item["hard_negatives"] = self.hard_negatives[i].tolist()
@@ -431,7 +435,8 @@ class CodePairCollate:
                 raise ValueError("code_pairs: every example of a batch needs the same number of hard negatives")
             rows = [r for it in items for r in it["hard_negative_code_ids"]]
             length = max((len(r) for r in rows), default=1)
-            batch["hard_negatives"] = torch.tensor([it["hard_negatives"] for it in items], dtype=torch.long).view(len(items), k)
+            table = [it["hard_negatives"] for it in items]
+            batch["hard_negatives"] = torch.tensor(table, dtype=torch.long).view(len(items), k)
             batch["hard_negative_code_ids"] = _pad(rows, length).view(len(items), k, -1)
         return batch
 
@@ -492,7 +497,8 @@ class CodePairsDataModule(pl.LightningDataModule):
             return
         h = self.hparams
         self.train_set, self.val_set = code_pair_datasets(
-            h.val_percent, h.noise_fraction, h.seed, h.train_subset_size, h.vocab_size, h.max_doc_tokens, h.max_code_tokens)
+            h.val_percent, h.noise_fraction, h.seed, h.train_subset_size, h.vocab_size, h.max_doc_tokens,
+            h.max_code_tokens)
         if len(self.train_set) < self.batch_size:
             raise ValueError(f"CodePairsDataModule: batch_size={self.batch_size} exceeds the {len(self.train_set)} "
                              "training pairs; lower batch_size or raise train_subset_size")
@@ -573,7 +579,7 @@ class TwoTowerRetrieval(pl.LightningModule):
     """
 
     def __init__(self, vocab_size: int = DEFAULT_VOCAB, dim: int = 256, init_temperature: float = 10.0,
-                 init_bias: float = -10.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20) -> None:
+                 init_bias: float = -10.0, lr: float = 4e-3, weight_decay: float = 0.0, warmup_steps: int = 20) -> None:
         super().__init__()
         self.save_hyperparameters()
         bag = nn.EmbeddingBag(vocab_size, dim, mode="sum")
@@ -614,7 +620,8 @@ class TwoTowerRetrieval(pl.LightningModule):
             shares = shares + self._hard_negative_terms(a, batch, t, bias).sum(1)
         return shares
 
-    def _hard_negative_terms(self, a: torch.Tensor, batch: dict[str, Any], t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _hard_negative_terms(self, a: torch.Tensor, batch: dict[str, Any], t: torch.Tensor,
+                             bias: torch.Tensor) -> torch.Tensor:
         """``[n, n*k]``: -log sigmoid(-logit) of every query against every hard-negative code of the
         batch, 0 where the hard negative is the query's own example."""
         ids = batch["hard_negative_code_ids"]
@@ -630,8 +637,8 @@ class TwoTowerRetrieval(pl.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(getattr(data, "hparams", None), "vocab_size", None)
         if data_vocab is not None and data_vocab != self.hparams.vocab_size:
-            raise ValueError(f"TwoTowerRetrieval: model vocab_size={self.hparams.vocab_size} but the data module hashes "
-                             f"tokens into vocab_size={data_vocab}; set the same vocab_size on both")
+            raise ValueError(f"TwoTowerRetrieval: model vocab_size={self.hparams.vocab_size} but the data module "
+                             f"hashes tokens into vocab_size={data_vocab}; set the same vocab_size on both")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.per_sample_loss(batch).mean()

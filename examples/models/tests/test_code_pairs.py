@@ -180,7 +180,7 @@ def test_collate_builds_the_documented_batch() -> None:
     items = [data[i] for i in (5, 0, 17)]
     batch = cp.CodePairCollate()(items)
     assert batch["index"].tolist() == [5, 0, 17]
-    assert batch["doc_ids"].shape[0] == 3 and batch["doc_ids"].shape[1] == max(len(data.doc_tokens[i]) for i in (5, 0, 17))
+    assert batch["doc_ids"].shape == (3, max(len(data.doc_tokens[i]) for i in (5, 0, 17)))
     assert batch["code_ids"][1, : len(data.code_tokens[0])].tolist() == data.code_tokens[0]
     assert batch["noisy"].tolist() == [bool(data.noisy[i]) for i in (5, 0, 17)]
     assert batch["doc_text"][2] == data.doc_texts[17] and batch["code_text"][0] == data.code_texts[5]
@@ -230,7 +230,8 @@ def test_per_sample_loss_shares_the_pairwise_terms() -> None:
     shares = model.per_sample_loss({"index": torch.tensor([0, 1])})
     l00, l01, l10, l11 = softplus(-1.0), softplus(0.2), softplus(-1.0), softplus(-0.6)
     assert shares.tolist() == pytest.approx([l00 + 0.5 * (l01 + l10), l11 + 0.5 * (l01 + l10)], abs=1e-6)
-    assert shares.mean().item() == pytest.approx(cp.siglip_loss(a, b, torch.tensor(2.0), torch.tensor(-1.0)).item(), abs=1e-6)
+    loss = cp.siglip_loss(a, b, torch.tensor(2.0), torch.tensor(-1.0))
+    assert shares.mean().item() == pytest.approx(loss.item(), abs=1e-6)
 
 
 def test_hard_negatives_add_negative_terms_except_the_query_itself() -> None:
@@ -271,7 +272,8 @@ def test_pair_embeddings_shapes_norms_and_padding() -> None:
     batch = cp.CodePairCollate()([_small_train_set()[i] for i in range(8)])
     a, b = model.pair_embeddings(batch)
     assert a.shape == (8, 32) and b.shape == (8, 32)
-    assert torch.allclose(a.norm(dim=-1), torch.ones(8), atol=1e-5) and torch.allclose(b.norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(b.norm(dim=-1), torch.ones(8), atol=1e-5)
     padded = dict(batch, code_ids=torch.nn.functional.pad(batch["code_ids"], (0, 7)))
     assert torch.allclose(model.pair_embeddings(padded)[1], b, atol=1e-6)  # padding changes nothing
     assert model.siglip_temperature.item() == pytest.approx(10.0) and model.siglip_bias.item() == pytest.approx(-10.0)
@@ -290,13 +292,14 @@ def test_short_training_run_improves_held_out_retrieval() -> None:
     pl.seed_everything(0)
     model = cp.TwoTowerRetrieval()
     data = cp.CodePairsDataModule(batch_size=64)
-    trainer = _trainer(150, check_val_every_n_epoch=None, val_check_interval=150, num_sanity_val_steps=0)
+    trainer = _trainer(100, check_val_every_n_epoch=None, val_check_interval=100, num_sanity_val_steps=0)
     before = trainer.validate(model, datamodule=data, verbose=False)[0]
     trainer.fit(model, datamodule=data)
     after = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print(f"R@1 {before['val/r1']:.3f} -> {after['val/r1']:.3f}, R@10 {before['val/r10']:.3f} -> {after['val/r10']:.3f}")
     assert set(after) >= {"val/r1", "val/r10", "val/r1_code2doc", "val/r10_code2doc", "train_loss"}
     # From the lexical start (shared random token vectors: R@1 0.165) to a trained model: R@1 goes up
-    # by a wide margin (to about 0.25 in 150 steps at batch 64).
+    # by a wide margin (to about 0.28 in 100 steps at batch 64, lr 4e-3).
     assert after["val/r1"] > before["val/r1"] + 0.05
     assert after["val/r10"] > before["val/r10"] + 0.05
     assert model.siglip_temperature.item() > 10.0  # t is learnt
