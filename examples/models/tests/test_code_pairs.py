@@ -296,7 +296,8 @@ def test_short_training_run_improves_held_out_retrieval() -> None:
     before = trainer.validate(model, datamodule=data, verbose=False)[0]
     trainer.fit(model, datamodule=data)
     after = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    print(f"R@1 {before['val/r1']:.3f} -> {after['val/r1']:.3f}, R@10 {before['val/r10']:.3f} -> {after['val/r10']:.3f}")
+    print(f"R@1 {before['val/r1']:.3f} -> {after['val/r1']:.3f}, "
+          f"R@10 {before['val/r10']:.3f} -> {after['val/r10']:.3f}")
     assert set(after) >= {"val/r1", "val/r10", "val/r1_code2doc", "val/r10_code2doc", "train_loss"}
     # From the lexical start (shared random token vectors: R@1 0.165) to a trained model: R@1 goes up
     # by a wide margin (to about 0.28 in 100 steps at batch 64, lr 4e-3).
