@@ -129,8 +129,6 @@ class MutableCollate:
 
     def __call__(self, samples: list[Any]) -> Any:
         meta = getattr(samples, "meta", _NO_META)
-        if type(samples) is not list:
-            samples = list(samples)
         token = _current_meta.set(meta)
         try:
             batch = self.collate_fn(samples)
