@@ -371,18 +371,20 @@ class BatchKitCallback(Callback):
         if ctx.is_last_micro_batch:
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
-        self._flush_metrics(trainer)
+        # the step's 0-based index, which Lightning's own metrics of the same step carry
+        self._flush_metrics(trainer, ctx.global_step - 1 if ctx.is_last_micro_batch else ctx.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)
-        self._flush_metrics(trainer)
+        self._flush_metrics(trainer, self.host.ctx.global_step - 1)  # Lightning's epoch-end step too
         reasons = self.host.pop_rebuild_request()
         if reasons and self._reload_setting is None:
             self._reload_setting = _compat.reload_train_loader_before_next_epoch(trainer)
 
-    def _flush_metrics(self, trainer: Trainer) -> None:
+    def _flush_metrics(self, trainer: Trainer, step: int) -> None:
         """Write what plugins logged since the last flush to every Trainer logger (CSV, wandb, ...)
-        at the current optimizer step, once: a value logged once appears once. Values logged with
+        at ``step``, the 0-based index of the optimizer step they belong to (the row where Lightning
+        writes the module's own metrics of that step), once: a value logged once appears once. Values logged with
         ``reduce`` are combined across ranks first (one all-reduce per reduction, every rank takes
         part); the others are rank 0's. They also land in ``trainer.callback_metrics``, so a
         ``ModelCheckpoint`` or ``EarlyStopping`` can monitor them. Plugins that produce a value every
@@ -402,7 +404,7 @@ class BatchKitCallback(Callback):
         _compat.publish_callback_metrics(trainer, named)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(named, step=self.host.ctx.global_step)
+                logger.log_metrics(named, step=max(step, 0))
                 logger.save()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
