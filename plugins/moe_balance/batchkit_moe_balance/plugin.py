@@ -238,16 +238,28 @@ class MoELoadBalancing(Plugin):
     def num_layers(self) -> int:
         return len(self.router_names)
 
+    def _auto_hint(self, model: nn.Module) -> str:
+        """What ``router_type: auto`` would find in ``model``, as a hint for the error messages."""
+        found = find_routers(model, None, None)
+        if not found:
+            return ""
+        classes = sorted({type(m).__name__ for _, m in found})
+        return (f"router_type: auto (the default) finds {len(found)} routers in this model ({', '.join(classes)}: "
+                f"{describe_names([n for n, _ in found])}). ")
+
     def _generic_class_message(self, model: nn.Module) -> str:
-        matched = [name for name, _ in find_routers(model, self.router_type, None)]
-        gates = [n for n in matched if re.search(r"router|gate", n.rsplit(".", 1)[-1], re.IGNORECASE)]
+        matched = find_routers(model, self.router_type, None)
+        names = [name for name, _ in matched]
+        gates = [n for n, m in matched if n.rsplit(".", 1)[-1].lower() in ("gate", "router", "gating")
+                 and getattr(m, "out_features", 2) > 1]
         suggestion = "|".join(p for p, _ in name_patterns(gates)) if gates else r"<the full names of the router modules>"
         return (
             f"{self.instance_name}: router_type: {self.router_type!r} is a generic torch.nn class, and it matched "
-            f"{len(matched)} modules ({describe_names(matched)}), most of which are not routers (attention projections, "
-            "experts, the output head): their outputs are not router logits. Name the routers instead: router_type: "
-            "auto (it knows the MoE routers of Hugging Face transformers, including the nn.Linear `gate` of 4.x "
-            f"sparse-MoE blocks), or router_pattern: '{suggestion}' (it must match the whole module name)"
+            f"{len(names)} modules ({describe_names(names)}), most of which are not routers (attention projections, "
+            "experts, the output head): their outputs are not router logits. " + self._auto_hint(model)
+            + "Name the routers instead: router_type: auto (it knows the MoE routers of Hugging Face transformers, "
+            f"including the nn.Linear `gate` of 4.x sparse-MoE blocks), or router_pattern: '{suggestion}' (it must "
+            "match the whole module name)"
         )
 
     def _no_router_message(self, model: nn.Module) -> str:
@@ -259,6 +271,8 @@ class MoELoadBalancing(Plugin):
             how = (f"router_type: auto, which knows {', '.join(HF_ROUTERS)}, the nn.Linear `gate` of transformers 4.x "
                    f"sparse-MoE blocks, and modules with `{ROUTER_ATTRIBUTE} = True`")
         parts = [f"{self.instance_name}: found no router module in {type(model).__name__} ({how})."]
+        if self.router_type or self.router_pattern:
+            parts.append(self._auto_hint(model).strip())
         candidates = router_candidates(model)
         if candidates:
             listing = "; ".join(f"{cls}: {describe_names(names)}" for cls, names in candidates.items())
@@ -394,6 +408,11 @@ class MoELoadBalancing(Plugin):
         return None if self._last is None else self._last.f_counts()
 
     @property
+    def last_prob_sums(self) -> torch.Tensor | None:
+        """This rank's ``sum_x p(x, i)`` ``[L, N_E]`` of the last micro-batch (detached)."""
+        return None if self._last is None else self._last.prob_sums
+
+    @property
     def last_layer_losses(self) -> torch.Tensor | None:
         """The per-layer LBL term trained at the last micro-batch (detached)."""
         return None if self._last is None else self._last.layer_losses()
@@ -510,7 +529,7 @@ class MoELoadBalancing(Plugin):
         if self.micro_coefficient:
             aux = aux + self.micro_coefficient * self._reduce(micro)
         layer_losses = layer_losses.detach()
-        self._last = _LastMicroBatch(local, lambda: f_counts, lambda: layer_losses)
+        self._last = _LastMicroBatch(local, prob_sum.detach(), lambda: f_counts, lambda: layer_losses)
         if self._logging_step:
             self._records.append((local, prob_sum.detach(), layer_losses))
         return aux
@@ -547,9 +566,9 @@ class MoELoadBalancing(Plugin):
         local = layer_counts.new_zeros(L, layer_counts.shape[1]).index_add_(0, group_layer, layer_counts)
         aux = self.coefficient * self._reduce(layer_losses)
         layer_losses = layer_losses.detach()
-        self._last = _LastMicroBatch(local, lambda: local, lambda: layer_losses)
+        layer_prob_sum = prob_sum.detach().new_zeros(L, prob_sum.shape[1]).index_add_(0, group_layer, prob_sum.detach())
+        self._last = _LastMicroBatch(local, layer_prob_sum, lambda: local, lambda: layer_losses)
         if self._logging_step:
-            layer_prob_sum = prob_sum.detach().new_zeros(L, prob_sum.shape[1]).index_add_(0, group_layer, prob_sum.detach())
             self._records.append((local, layer_prob_sum, layer_losses))
         return aux
 
@@ -619,7 +638,7 @@ class MoELoadBalancing(Plugin):
         graph = torch.stack(pending.terms).sum() if len(pending.terms) > 1 else pending.terms[0]
         self._step_pending = pending
         local_f = local.float()
-        self._last = _LastMicroBatch(local_f, pending.global_counts, pending.layer_losses)
+        self._last = _LastMicroBatch(local_f, prob_sum, pending.global_counts, pending.layer_losses)
         if self._logging_step:
             self._records.append((local_f, prob_sum, pending))
         return graph + value.float()
@@ -690,8 +709,9 @@ class MoELoadBalancing(Plugin):
 class _LastMicroBatch:
     """What the last micro-batch computed; the global figures on demand (they may be in flight)."""
 
-    def __init__(self, local: torch.Tensor, f_counts: Any, layer_losses: Any) -> None:
+    def __init__(self, local: torch.Tensor, prob_sums: torch.Tensor, f_counts: Any, layer_losses: Any) -> None:
         self.local = local
+        self.prob_sums = prob_sums
         self.f_counts = f_counts
         self.layer_losses = layer_losses
 

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from batchkit import BatchKitCallback
 from batchkit import PluginHost
@@ -338,3 +339,136 @@ def test_tiny_moe_module_under_the_callback_single_process() -> None:
     trainer.fit(module, torch.utils.data.DataLoader(TokenDataset(), batch_size=4))
     assert float(trainer.callback_metrics["batchkit/moe_lbl/lbl"]) == pytest.approx(
         float(trainer.callback_metrics["batchkit/moe_lbl/lbl_global_batch"]), rel=1e-6)
+
+
+# -- global mode overlapped with the forward (what runs with more than one rank), in one process ------
+
+
+def run_global(overlap: bool, case: str) -> dict:
+    """Two micro-batches of one optimizer step in global mode; the LBL alone is trained."""
+    model = small_lm(activation_checkpointing="non_reentrant" if case == "checkpointing" else None)
+    options = {"coefficient": 0.5}
+    if case == "mask_and_micro_term":
+        options.update(token_mask_key="mask", micro_coefficient=0.1, layer_reduction="sum")
+    if case == "sigmoid":
+        options.update(score_function="sigmoid")
+    host, plugin = attached(model, mode="global", **options)
+    plugin._overlap_in_one_process = overlap
+    out: dict = {"values": [], "f_counts": [], "layer_losses": [], "prob_sums": []}
+    for i, seed in enumerate((1, 2)):
+        window = windows(3, seed=seed)
+        mask = (torch.rand(3, 12, generator=torch.Generator().manual_seed(seed)) > 0.25).float()
+        batch = {"window": window, "mask": mask}
+        host.ctx.is_last_micro_batch = i == 1
+        host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+        if case == "two_forwards":  # each router runs twice in the step
+            base = 0 * (model.lm_loss(window[:2]) + model.lm_loss(window[2:]))
+        else:
+            base = 0 * model.lm_loss(window)
+        total = host.chain("batchkit_transform_loss", base, outputs=base, batch=batch, module=model, ctx=host.ctx)
+        total.backward()
+        out["values"].append(total.detach())
+        out["f_counts"].append(plugin.last_f_counts.clone())
+        out["layer_losses"].append(plugin.last_layer_losses.clone())
+        out["prob_sums"].append(plugin.last_prob_sums.clone())
+    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["step_counts"] = plugin.step_counts.clone()
+    return out
+
+
+@pytest.mark.parametrize("case", ["plain", "mask_and_micro_term", "two_forwards", "checkpointing", "sigmoid"])
+def test_overlapped_global_mode_equals_the_loss_stage_computation(case: str) -> None:
+    at_loss_stage, overlapped = run_global(False, case), run_global(True, case)
+    assert overlapped["grads"].keys() == at_loss_stage["grads"].keys()
+    assert any("router" in n for n in overlapped["grads"])
+    for name, grad in at_loss_stage["grads"].items():
+        assert grad.abs().max() > 0 if "router" in name else True
+        assert torch.allclose(overlapped["grads"][name], grad, atol=1e-7, rtol=1e-5), name
+    for key in ("f_counts", "layer_losses", "prob_sums"):
+        for a, b in zip(overlapped[key], at_loss_stage[key]):
+            assert torch.allclose(a.double(), b.double(), atol=1e-6), key
+    assert torch.equal(overlapped["step_counts"], at_loss_stage["step_counts"])
+    # in one process the counts known at the loss stage are the global ones: the value is exact too
+    for a, b in zip(overlapped["values"], at_loss_stage["values"]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(overlapped["f_counts"][1], overlapped["f_counts"][0].double())  # micro-step 2 adds up
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy tensor values to the host (a device-to-host copy and a sync on a GPU)."""
+
+    READS = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_copies_happen_only_on_the_steps_the_trainer_logs(overlap: bool) -> None:
+    # TinyMoE's forward reads no tensor value on the host, so every read counted is the plugin's
+    torch.manual_seed(0)
+    model = TinyMoE()
+    plugin = MoELoadBalancing(coefficient=1.0, mode="global", router_type="TinyRouter", log_every_n_steps=3)
+    plugin._overlap_in_one_process = overlap
+    host = PluginHost([plugin])
+    plugin.attach(model)
+    data = TokenDataset().x
+    reads_per_step, logged = [], []
+    for step_index in range(6):
+        reads = HostReads()
+        with reads:
+            for micro in range(2):
+                x = data[4 * step_index + 2 * micro: 4 * step_index + 2 * micro + 2]
+                host.ctx.is_last_micro_batch = micro == 1
+                host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+                base = 0 * model(x).sum()
+                host.chain("batchkit_transform_loss", base, outputs=base, batch=x, module=model, ctx=host.ctx).backward()
+            host.ctx.global_step += 1
+            host.notify("batchkit_step_end", ctx=host.ctx)
+        reads_per_step.append(reads.count)
+        logged.append(sorted(host.pop_metrics()))
+    assert reads_per_step == [0, 0, 1, 0, 0, 1]  # one copy for all the figures, on steps 3 and 6 only
+    assert [bool(m) for m in logged] == [False, False, True, False, False, True]
+    assert "moe_lbl/layer1/load/expert3" in logged[2]
+
+
+def profiled_ops(fn) -> list[str]:
+    """Names of the leaf aten operators ``fn`` ran (what launches kernels on a GPU; views excluded)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
+    no_kernel = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::expand",
+                 "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::detach", "aten::alias",
+                 "aten::empty", "aten::empty_strided", "aten::t", "aten::transpose", "aten::permute",
+                 "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::result_type",
+                 "aten::contiguous", "aten::_unsafe_view", "detach"}
+    return [e.name for e in events if e.name.startswith("aten::") and id(e) not in parents and e.name not in no_kernel]
+
+
+@pytest.mark.parametrize("mode", ["micro", "global", "sequence"])
+def test_the_loss_stage_runs_the_same_few_operators_whatever_the_number_of_layers(mode: str) -> None:
+    counts = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        model = TinyMoE(layers=layers)
+        plugin = MoELoadBalancing(coefficient=1.0, mode=mode, router_type="TinyRouter", log_every_n_steps=0)
+        host = PluginHost([plugin])
+        plugin.attach(model)
+        x = TokenDataset().x[:4]
+        for _ in range(2):  # the second call runs on the cached row -> layer index
+            host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+            base = 0 * model(x).sum()
+            ops = profiled_ops(lambda: host.chain("batchkit_transform_loss", base, outputs=base, batch=x, module=model, ctx=host.ctx))
+        counts[layers] = len(ops)
+    assert counts[2] == counts[6], counts
+    assert counts[2] <= 40, counts
