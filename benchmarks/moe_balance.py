@@ -18,12 +18,22 @@ Measured after training, on held-out documents of each domain:
 
 Then the step-time cost of the global sync: a 2-process DDP run (gloo) driving the plugin through
 batchkit's host, alternating blocks of steps in ``micro`` and ``global`` mode inside the same two
-processes, median over rounds of the ratio ``step time global / step time micro``.
+processes (the order flips every round), median over rounds of the ratio
+``step time global / step time micro``.
 
 The training runs hold the shared CPU lock (``/tmp/bk-cpu.lock``), the timing part the exclusive
 one. Each training run is its own process with 1 torch thread; ``--jobs 2`` runs two at a time.
 
     python benchmarks/moe_balance.py [--seeds 0 1 2] [--steps 600] [--jobs 2] [--rounds 21]
+    python benchmarks/moe_balance.py --overhead-only [--rounds 31]   # timing again, other results kept
+    python benchmarks/moe_balance.py --profile after                  # operators and host copies
+
+``--profile LABEL`` counts, with torch.profiler on the CPU, the operators (what would each be a
+kernel launch on a GPU) that the plugin's hooks run per micro-batch and per optimizer step, and the
+calls that copy tensor values to the host, in the setting of the GPU run of issue 17 (one process,
+global mode, 8 micro-batches per step, logging every 10 steps) and stores them under
+``loss_stage_profile.LABEL``. Run it with another checkout's environment to profile that code
+(``before``: ``/work/main/.venv/bin/python benchmarks/moe_balance.py --profile before``).
 
 Writes benchmarks/results/moe_balance.json and docs/methods/moe_balance_expert_load.png.
 """
@@ -272,8 +282,11 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
             p.join()
     times = result["times"]
     ratios = [g / m for g, m in zip(times["global"], times["micro"])]
+    quartiles = statistics.quantiles(ratios, n=4)
     return {
         "ratio_median": statistics.median(ratios),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "ratio_of_median_step_times": statistics.median(times["global"]) / statistics.median(times["micro"]),
         "ratios": ratios,
         "step_ms": {m: 1e3 * statistics.median(times[m]) for m in MODES},
         "loss_stage_us": result["loss_stage_us"],
@@ -282,7 +295,149 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
         "rounds": rounds,
         "setup": "2 processes, DDP on gloo, 1 torch thread each, micro-batch "
                  f"{TRAIN['micro_batch']} x {MODEL['seq_len']} tokens per rank, no accumulation, AdamW",
+        "note": "loss_stage_us is the host's timing of transform_loss; in global mode with 2 ranks the counts and "
+                "their all-reduce start in the router forward hooks and the wait is in backward, outside that hook",
+        "load_average_before": os.getloadavg()[0],
     }
+
+
+# -------------------------------------------------------------------------------------------------
+# Operators and host copies of the plugin's hooks (torch.profiler, CPU)
+# -------------------------------------------------------------------------------------------------
+
+#: operators that launch no kernel on a GPU (views, allocation, metadata)
+NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::expand",
+             "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::detach", "aten::alias",
+             "aten::empty", "aten::empty_strided", "aten::t", "aten::transpose", "aten::permute", "aten::lift_fresh",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::result_type", "aten::contiguous",
+             "aten::_unsafe_view", "aten::split", "aten::unbind", "aten::chunk", "aten::narrow", "aten::numel"}
+#: Tensor methods that copy values to the host (a device-to-host copy and a sync on a GPU)
+HOST_READS = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
+
+
+def count_ops(fn: Any, within: str | None = None) -> tuple[Any, int, int]:
+    """Run ``fn`` under torch.profiler (CPU): its result, the number of leaf aten operators that would
+    launch a kernel on a GPU, and the number of host reads (``aten::_local_scalar_dense``, and the
+    Tensor methods in HOST_READS, counted with a TorchFunctionMode since ``tolist`` of a CPU tensor
+    records no operator). With ``within``, only the operators run inside ``record_function(within)``."""
+    from torch.overrides import TorchFunctionMode
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    class Reads(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if getattr(func, "__name__", "") in HOST_READS:
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    Reads.count = 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof, Reads():
+        result = fn()
+    events = prof.events()
+    parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
+    def inside(e: Any) -> bool:
+        while e is not None:
+            if e.name == within:
+                return True
+            e = e.cpu_parent
+        return False
+
+    ops = [e.name for e in events if e.name.startswith("aten::") and id(e) not in parents and e.name not in NO_KERNEL
+           and (within is None or inside(e))]
+    scalar_reads = sum(e.name == "aten::_local_scalar_dense" for e in events)
+    return result, len(ops), max(Reads.count, scalar_reads)
+
+
+def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int = 10) -> dict:
+    """Operators and host reads per hook call of the plugin in one process, global mode (the setting of
+    the GPU run in issue 17: examples/moe_lm.yaml, 2 MoE layers, 8 micro-batches per step, logging
+    every 10 steps), driven through batchkit's host like the Lightning callback does."""
+    import subprocess as sp
+
+    import batchkit_moe_balance
+    import torch
+    import torch.nn.functional as F
+    from batchkit_examples.moe_lm import MoELanguageModel
+    from batchkit_examples.moe_lm import two_domain_datasets
+
+    from batchkit import PluginHost
+    from batchkit_moe_balance import MoELoadBalancing
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MoELanguageModel(**MODEL)
+    train, _ = two_domain_datasets(MODEL["seq_len"], max_train_windows=64, max_val_windows=1)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(overlapped: bool) -> dict:
+        plugin = MoELoadBalancing(coefficient=TRAIN["coefficient"], mode="global", router_type="Router", log_every_n_steps=every)
+        if overlapped:
+            plugin._overlap_in_one_process = True  # the path that runs with more than one rank
+            on_router_call = plugin._on_router_call
+
+            def traced(layer: int, logits: Any) -> None:
+                with torch.profiler.record_function("moe_lbl.router_hook"):
+                    on_router_call(layer, logits)
+
+            plugin._on_router_call = traced
+        host = PluginHost([plugin])
+        plugin.attach(model)
+        rec: dict[str, list[int]] = {k: [] for k in ("batch_ops", "loss_ops", "loss_reads", "batch_reads", "hook_ops",
+                                                    "step_end_ops_logging", "step_end_reads_logging",
+                                                    "step_end_ops_other", "step_end_reads_other",
+                                                    "step_reads_logging", "step_reads_other")}
+        for step in range(steps + 1):  # step 0 warms up (caches) and is not recorded
+            reads_in_step = 0
+            for micro in range(accumulate):
+                window = torch.stack([train[int(i)][0] for i in torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)])
+                host.ctx.is_last_micro_batch = micro == accumulate - 1
+                _, ops_b, reads_b = count_ops(lambda: host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx))
+                logits, hook_ops, _ = count_ops(lambda: model(window[:, :-1]), within="moe_lbl.router_hook")
+                loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
+                total, ops_l, reads_l = count_ops(lambda: host.chain("batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx))
+                total.backward()
+                if step:
+                    rec["batch_ops"].append(ops_b)
+                    rec["batch_reads"].append(reads_b)
+                    rec["loss_ops"].append(ops_l)
+                    rec["loss_reads"].append(reads_l)
+                    rec["hook_ops"].append(hook_ops)
+                reads_in_step += reads_b + reads_l
+            model.zero_grad(set_to_none=True)
+            host.ctx.global_step += 1
+            _, ops_s, reads_s = count_ops(lambda: host.notify("batchkit_step_end", ctx=host.ctx))
+            host.pop_metrics()
+            if step:
+                kind = "logging" if host.ctx.global_step % every == 0 else "other"
+                rec[f"step_end_ops_{kind}"].append(ops_s)
+                rec[f"step_end_reads_{kind}"].append(reads_s)
+                rec[f"step_reads_{kind}"].append(reads_in_step + reads_s)
+        plugin.detach()
+        return rec
+
+    def summarise(rec: dict) -> dict:
+        mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
+        return {
+            "ops_per_micro_batch": {"batch_stage": mean(rec["batch_ops"]), "loss_stage": mean(rec["loss_ops"])},
+            "ops_per_step_end": {"logging_step": mean(rec["step_end_ops_logging"]), "other_step": mean(rec["step_end_ops_other"])},
+            "host_reads_per_step": {"logging_step": mean(rec["step_reads_logging"]), "other_step": mean(rec["step_reads_other"])},
+            "host_reads_per_micro_batch_in_loss_stage": mean(rec["loss_reads"]),
+            "router_hook_ops_per_micro_batch": mean(rec["hook_ops"]),
+        }
+
+    out = {"one_process": summarise(run(False))}
+    if hasattr(MoELoadBalancing, "_overlap_in_one_process"):
+        out["overlapped_path"] = summarise(run(True))  # what runs with more than one rank
+    source = Path(batchkit_moe_balance.__file__).resolve().parent
+    commit = sp.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out.update(label=label, plugin_source=str(source), commit=commit, steps=steps, accumulate=accumulate,
+               log_every_n_steps=every, layers=MODEL["layers"], experts=MODEL["num_experts"],
+               how="torch.profiler on the CPU: leaf aten operators (views and allocations excluded) per hook call, "
+                   "mean over steps after one warm-up step; host reads = aten::_local_scalar_dense and Tensor.tolist/"
+                   "item/__float__/__bool__/cpu/numpy calls")
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -351,6 +506,7 @@ def report(runs: list[dict], cost: dict | None, args: argparse.Namespace) -> dic
                           "balance": r["balance"], "train_s": r["train_s"]} for r in mine],
         }
     out["allreduce_overhead_detail"] = cost
+    out["summary"] = {"allreduce_overhead": cost["ratio_median"] if cost else None}
     out["config"] = {"model": MODEL, "train": {**TRAIN, "steps": args.steps}, "metric": {
         "specialisation": "Jensen-Shannon divergence (bits) between code and prose expert distributions on held-out "
                           "text, per layer, mean over layers",
@@ -358,6 +514,25 @@ def report(runs: list[dict], cost: dict | None, args: argparse.Namespace) -> dic
     out["command"] = "python " + " ".join(sys.argv)
     out["machine"] = machine()
     return out
+
+
+def print_cost(cost: dict) -> None:
+    print(f"all-reduce overhead: step time global / micro = {cost['ratio_median']:.4f} "
+          f"(quartiles {cost['ratio_quartiles'][0]:.3f}-{cost['ratio_quartiles'][1]:.3f}; "
+          f"micro {cost['step_ms']['micro']:.2f} ms, global {cost['step_ms']['global']:.2f} ms; "
+          f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us; "
+          f"all-reduce alone {cost['allreduce_alone_us']:.0f} us)", flush=True)
+
+
+def update_summary(result: dict) -> None:
+    """The figures issue 17 names, at the top of the results file."""
+    summary = result.setdefault("summary", {})
+    if "allreduce_overhead_detail" in result and result["allreduce_overhead_detail"]:
+        summary["allreduce_overhead"] = result["allreduce_overhead_detail"]["ratio_median"]
+    for label, figures in result.get("loss_stage_profile", {}).items():
+        one = figures["one_process"]
+        summary[f"loss_stage_ops_per_micro_batch_{label}"] = one["ops_per_micro_batch"]["loss_stage"]
+        summary[f"host_reads_per_non_logging_step_{label}"] = one["host_reads_per_step"]["other_step"]
 
 
 def main() -> None:
@@ -368,6 +543,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21, help="timing rounds of the all-reduce overhead")
     parser.add_argument("--steps-per-block", type=int, default=30)
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="run only the timing part and update its figures in --out, keeping the rest")
+    parser.add_argument("--profile", metavar="LABEL",
+                        help="count operators and host copies of the hooks; store them under loss_stage_profile.LABEL in --out")
     parser.add_argument("--reuse-runs", action="store_true", help="take the training runs already in --workdir")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "moe_balance"))
     parser.add_argument("--out", default=str(RESULTS))
@@ -377,7 +556,26 @@ def main() -> None:
     if args.one_run:
         one_run(args.one_run[0], int(args.one_run[1]), args.steps, Path(args.out))
         return
+    if args.profile:
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        figures = profile_hooks(args.profile)
+        result.setdefault("loss_stage_profile", {})[args.profile] = figures
+        update_summary(result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(figures, indent=2))
+        return
     reexec_with_stable_malloc()
+    if args.overhead_only:
+        result = json.loads(Path(args.out).read_text())
+        cost = overhead(args.steps_per_block, args.rounds)
+        print_cost(cost)
+        result["global"]["allreduce_overhead"] = cost["ratio_median"]
+        result["allreduce_overhead_detail"] = cost
+        result["overhead_command"] = "python " + " ".join(sys.argv)
+        result["overhead_machine"] = machine()
+        update_summary(result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     if args.reuse_runs:
         runs = [json.loads((Path(args.workdir) / f"{mode}_seed{seed}.json").read_text()) for seed in args.seeds for mode in MODES]
         assert all(r["steps"] == args.steps for r in runs), "--steps differs from the runs in --workdir"
@@ -386,11 +584,12 @@ def main() -> None:
     cost = None
     if not args.skip_overhead:
         cost = overhead(args.steps_per_block, args.rounds)
-        print(f"all-reduce overhead: step time global / micro = {cost['ratio_median']:.4f} "
-              f"(micro {cost['step_ms']['micro']:.2f} ms, global {cost['step_ms']['global']:.2f} ms; "
-              f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us; "
-              f"all-reduce alone {cost['allreduce_alone_us']:.0f} us)", flush=True)
+        print_cost(cost)
     result = report(runs, cost, args)
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    if "loss_stage_profile" in previous:
+        result["loss_stage_profile"] = previous["loss_stage_profile"]
+    update_summary(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     plot(runs, Path(args.plot))
