@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -393,10 +394,12 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
             for micro in range(accumulate):
                 window = torch.stack([train[int(i)][0] for i in torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)])
                 host.ctx.is_last_micro_batch = micro == accumulate - 1
-                _, ops_b, reads_b = count_ops(lambda: host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx))
-                logits, hook_ops, _ = count_ops(lambda: model(window[:, :-1]), within="moe_lbl.router_hook")
+                _, ops_b, reads_b = count_ops(functools.partial(
+                    host.chain, "batchkit_transform_batch", window, module=model, ctx=host.ctx))
+                logits, hook_ops, _ = count_ops(functools.partial(model, window[:, :-1]), within="moe_lbl.router_hook")
                 loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
-                total, ops_l, reads_l = count_ops(lambda: host.chain("batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx))
+                total, ops_l, reads_l = count_ops(functools.partial(
+                    host.chain, "batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx))
                 total.backward()
                 if step:
                     rec["batch_ops"].append(ops_b)
@@ -407,7 +410,7 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
                 reads_in_step += reads_b + reads_l
             model.zero_grad(set_to_none=True)
             host.ctx.global_step += 1
-            _, ops_s, reads_s = count_ops(lambda: host.notify("batchkit_step_end", ctx=host.ctx))
+            _, ops_s, reads_s = count_ops(functools.partial(host.notify, "batchkit_step_end", ctx=host.ctx))
             host.pop_metrics()
             if step:
                 kind = "logging" if host.ctx.global_step % every == 0 else "other"
@@ -431,7 +434,8 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
     if hasattr(MoELoadBalancing, "_overlap_in_one_process"):
         out["overlapped_path"] = summarise(run(True))  # what runs with more than one rank
     source = Path(batchkit_moe_balance.__file__).resolve().parent
-    commit = sp.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = sp.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                    check=False).stdout.strip()
     out.update(label=label, plugin_source=str(source), commit=commit, steps=steps, accumulate=accumulate,
                log_every_n_steps=every, layers=MODEL["layers"], experts=MODEL["num_experts"],
                how="torch.profiler on the CPU: leaf aten operators (views and allocations excluded) per hook call, "
@@ -527,7 +531,7 @@ def print_cost(cost: dict) -> None:
 def update_summary(result: dict) -> None:
     """The figures issue 17 names, at the top of the results file."""
     summary = result.setdefault("summary", {})
-    if "allreduce_overhead_detail" in result and result["allreduce_overhead_detail"]:
+    if result.get("allreduce_overhead_detail"):
         summary["allreduce_overhead"] = result["allreduce_overhead_detail"]["ratio_median"]
     for label, figures in result.get("loss_stage_profile", {}).items():
         one = figures["one_process"]

@@ -50,7 +50,9 @@ HF_ROUTERS: dict[str, str] = {
 }
 #: Sparse-MoE blocks of transformers 4.x, whose router is a plain ``nn.Linear`` attribute ``gate``
 #: (in 5.x the same attribute holds one of :data:`HF_ROUTERS`).
-HF_BLOCKS_WITH_LINEAR_GATE = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock")
+HF_BLOCKS_WITH_LINEAR_GATE = (
+    "MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
+)
 #: ``num_experts_per_tok`` in the Hugging Face configs of those families
 HF_TOP_K_CONFIG = "num_experts_per_tok"
 
@@ -68,7 +70,9 @@ def is_generic_torch_class(router_type: str, model: nn.Module) -> bool:
     return any(_class_matches(m, router_type) and type(m).__module__.startswith("torch.nn") for m in model.modules())
 
 
-def find_routers(model: nn.Module, router_type: str | None = "auto", router_pattern: str | None = None) -> list[tuple[str, nn.Module]]:
+def find_routers(
+    model: nn.Module, router_type: str | None = "auto", router_pattern: str | None = None
+) -> list[tuple[str, nn.Module]]:
     """The router modules of ``model``, in ``named_modules()`` order, as ``(name, module)``."""
     if router_pattern:
         pattern = re.compile(router_pattern)
@@ -182,8 +186,8 @@ class RouterCapture:
         logits = None
         if isinstance(output, torch.Tensor):
             logits = output
-        elif isinstance(output, (tuple, list)) and len(output) > self.logits_index and isinstance(output[self.logits_index], torch.Tensor):
-            logits = output[self.logits_index]
+        elif isinstance(output, (tuple, list)) and len(output) > self.logits_index:
+            logits = output[self.logits_index] if isinstance(output[self.logits_index], torch.Tensor) else None
         elif isinstance(getattr(output, "router_logits", None), torch.Tensor):
             logits = output.router_logits
         if logits is None or not logits.is_floating_point() or logits.dim() == 0:

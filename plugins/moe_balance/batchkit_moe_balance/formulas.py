@@ -45,7 +45,9 @@ def routing_probabilities(logits: torch.Tensor, score: Score = "softmax") -> tor
     return s / s.sum(-1, keepdim=True)
 
 
-def routing_probabilities_backward(logits: torch.Tensor, weight_per_expert: torch.Tensor, score: Score = "softmax") -> torch.Tensor:
+def routing_probabilities_backward(
+    logits: torch.Tensor, weight_per_expert: torch.Tensor, score: Score = "softmax"
+) -> torch.Tensor:
     """The gradient of ``sum_x sum_i g_i p(x, i)`` with respect to the logits, for a fixed ``g``
     ``[..., N_E]`` (broadcast over the rows): the backward of ``P`` written out, so it can run later
     than the forward (global mode computes ``g = N_E f_i / T`` only once the counts arrived).
@@ -117,7 +119,8 @@ def grouped_routing_statistics(
         per_row = weight.to(probs.dtype)
         per_choice = per_row.repeat_interleave(top_k)
         weighted = probs * per_row.unsqueeze(-1)
-    counts = probs.new_zeros(num_groups * num_experts).index_add_(0, slots, per_choice).view(num_groups, num_experts)  # c_i
+    counts = probs.new_zeros(num_groups * num_experts).index_add_(0, slots, per_choice)
+    counts = counts.view(num_groups, num_experts)  # c_i
     prob_sum = probs.new_zeros(num_groups, num_experts).index_add(0, group, weighted)  # sum_x p(x, i)
     tokens = probs.new_zeros(num_groups).index_add_(0, group, per_row)  # T
     return counts, prob_sum, tokens

@@ -118,7 +118,9 @@ class MoELoadBalancing(Plugin):
         if not coefficient >= 0:
             raise PluginError(f"{who}: coefficient must be >= 0, got {coefficient}; the usual range is 1e-3 to 1e-2")
         if not micro_coefficient >= 0:
-            raise PluginError(f"{who}: micro_coefficient must be >= 0, got {micro_coefficient}; use e.g. 0.01 * coefficient")
+            raise PluginError(
+                f"{who}: micro_coefficient must be >= 0, got {micro_coefficient}; use e.g. 0.01 * coefficient"
+            )
         if micro_coefficient and mode != "global":
             raise PluginError(
                 f"{who}: micro_coefficient adds a micro-batch term next to the global-batch loss and needs "
@@ -252,7 +254,7 @@ class MoELoadBalancing(Plugin):
         names = [name for name, _ in matched]
         gates = [n for n, m in matched if n.rsplit(".", 1)[-1].lower() in ("gate", "router", "gating")
                  and getattr(m, "out_features", 2) > 1]
-        suggestion = "|".join(p for p, _ in name_patterns(gates)) if gates else r"<the full names of the router modules>"
+        suggestion = "|".join(p for p, _ in name_patterns(gates)) if gates else "<the full names of the router modules>"
         return (
             f"{self.instance_name}: router_type: {self.router_type!r} is a generic torch.nn class, and it matched "
             f"{len(names)} modules ({describe_names(names)}), most of which are not routers (attention projections, "
@@ -439,8 +441,8 @@ class MoELoadBalancing(Plugin):
             self._mask_rows = self._mask.reshape(-1).to(device=device, dtype=torch.float32)
         if self._mask_rows.numel() != rows:
             raise PluginError(
-                f"{self.instance_name}: the token mask {self.token_mask_key!r} has {self._mask_rows.numel()} entries but "
-                f"router {self.router_names[layer]!r} routed {rows} tokens; the mask must cover exactly the tokens the "
+                f"{self.instance_name}: the token mask {self.token_mask_key!r} has {self._mask_rows.numel()} entries "
+                f"but router {self.router_names[layer]!r} routed {rows} tokens; the mask must cover exactly the tokens the "
                 "routers see (or remove token_mask_key)"
             )
         return self._mask_rows
@@ -550,7 +552,8 @@ class MoELoadBalancing(Plugin):
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             seqs = [n // s for (_, n), s in zip(sizes, lengths)]
-            row_group = torch.repeat_interleave(torch.arange(sum(seqs)), torch.tensor(lengths).repeat_interleave(torch.tensor(seqs)))
+            rows_per_group = torch.tensor(lengths).repeat_interleave(torch.tensor(seqs))
+            row_group = torch.repeat_interleave(torch.arange(sum(seqs)), rows_per_group)
             group_layer = torch.repeat_interleave(torch.tensor([layer for layer, _ in sizes]), torch.tensor(seqs))
             return torch.cat([row_group, group_layer])
 
@@ -561,7 +564,8 @@ class MoELoadBalancing(Plugin):
         per_sequence = load_balancing_loss(counts, tokens, prob_sum, tokens, k)  # [G]
         has_tokens = (tokens > 0).float()
         zeros = per_sequence.new_zeros(L)
-        layer_losses = zeros.index_add(0, group_layer, per_sequence * has_tokens) / zeros.index_add(0, group_layer, has_tokens).clamp_min(1)
+        sequences = zeros.index_add(0, group_layer, has_tokens).clamp_min(1)
+        layer_losses = zeros.index_add(0, group_layer, per_sequence * has_tokens) / sequences
         layer_counts = torch.cat([counts, tokens[:, None]], 1)
         local = layer_counts.new_zeros(L, layer_counts.shape[1]).index_add_(0, group_layer, layer_counts)
         aux = self.coefficient * self._reduce(layer_losses)
@@ -634,8 +638,10 @@ class MoELoadBalancing(Plugin):
         known = local if pending.base is None else pending.base.to(local.device) + local
         value = self.coefficient * self._reduce(load_balancing_loss(known[:, :E], known[:, E], prob_sum, tokens, k))
         if self.micro_coefficient:
-            value = value + self.micro_coefficient * self._reduce(load_balancing_loss(local[:, :E], tokens, prob_sum, tokens, k))
+            micro = load_balancing_loss(local[:, :E], tokens, prob_sum, tokens, k)
+            value = value + self.micro_coefficient * self._reduce(micro)
         graph = torch.stack(pending.terms).sum() if len(pending.terms) > 1 else pending.terms[0]
+        pending.terms = []  # their autograd nodes refer to `pending`: no reference cycle keeping the logits alive
         self._step_pending = pending
         local_f = local.float()
         self._last = _LastMicroBatch(local_f, prob_sum, pending.global_counts, pending.layer_losses)
@@ -672,7 +678,8 @@ class MoELoadBalancing(Plugin):
             return self._restored_stats
         local = torch.stack([r[0] for r in self._records]).double()  # [K, L, E + 1]
         prob_sum = torch.stack([r[1] for r in self._records]).double()  # [K, L, E]
-        terms = torch.stack([r[2].layer_losses() if isinstance(r[2], _MicroBatchCounts) else r[2] for r in self._records]).double()
+        terms = torch.stack([r[2].layer_losses() if isinstance(r[2], _MicroBatchCounts) else r[2]
+                             for r in self._records]).double()
         E = prob_sum.shape[-1]
         stats = torch.cat([local[..., :E], prob_sum, local[..., E:], terms[..., None]], -1).sum(0)
         if self._restored_stats is not None:
@@ -810,7 +817,8 @@ class _MicroBatchCounts:
         counts = self.global_counts()
         local = self.local_counts()
         E = counts.shape[1] - 1
-        return load_balancing_loss(counts[:, :E], counts[:, E], self.prob_sums().double(), local[:, E], self.top_k).float()
+        lbl = load_balancing_loss(counts[:, :E], counts[:, E], self.prob_sums().double(), local[:, E], self.top_k)
+        return lbl.float()
 
 
 class _DeferredLBLGradient(torch.autograd.Function):
@@ -838,4 +846,5 @@ class _DeferredLBLGradient(torch.autograd.Function):
         d_rows = routing_probabilities_backward(rows, g, ctx.score)
         if ctx.weight is not None:
             d_rows = d_rows * ctx.weight.unsqueeze(-1)
+        ctx.logits = ctx.weight = None  # released now rather than with the graph
         return (d_rows * grad).reshape(logits.shape).to(logits.dtype), None, None, None, None

@@ -19,20 +19,24 @@ from batchkit_moe_balance import load_balancing_loss
 from batchkit_moe_balance import routing_statistics
 from batchkit_moe_balance.formulas import routing_probabilities
 
-COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              num_experts_per_tok=2, max_position_embeddings=32)
+COMMON = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "num_experts_per_tok": 2, "max_position_embeddings": 32}
 FAMILIES = {
     # family: (config class, model class, router class, family-specific config)
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "MixtralTopKRouter", dict(intermediate_size=16, num_local_experts=4)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "MixtralTopKRouter",
+                {"intermediate_size": 16, "num_local_experts": 4}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "Qwen2MoeTopKRouter",
-                  dict(intermediate_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=4)),
+                  {"intermediate_size": 16, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 8,
+                   "num_experts": 4}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3MoeTopKRouter",
-                  dict(intermediate_size=16, moe_intermediate_size=8, num_experts=4, head_dim=8)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "OlmoeTopKRouter", dict(intermediate_size=16, num_experts=4, eos_token_id=None)),
+                  {"intermediate_size": 16, "moe_intermediate_size": 8, "num_experts": 4, "head_dim": 8}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "OlmoeTopKRouter",
+              {"intermediate_size": 16, "num_experts": 4, "eos_token_id": None}),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "DeepseekV3TopkRouter",
-                    dict(intermediate_size=16, moe_intermediate_size=8, n_routed_experts=4, n_group=2, topk_group=1,
-                         first_k_dense_replace=0, num_key_value_heads=2, kv_lora_rank=8, q_lora_rank=8,
-                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_shared_experts=1)),
+                    {"intermediate_size": 16, "moe_intermediate_size": 8, "n_routed_experts": 4, "n_group": 2,
+                     "topk_group": 1, "first_k_dense_replace": 0, "num_key_value_heads": 2, "kv_lora_rank": 8,
+                     "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 4,
+                     "n_shared_experts": 1}),
 }
 
 

@@ -397,7 +397,7 @@ def test_overlapped_global_mode_equals_the_loss_stage_computation(case: str) -> 
 class HostReads(TorchFunctionMode):
     """Counts the calls that copy tensor values to the host (a device-to-host copy and a sync on a GPU)."""
 
-    READS = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
+    READS = frozenset({"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -468,7 +468,8 @@ def test_the_loss_stage_runs_the_same_few_operators_whatever_the_number_of_layer
         for _ in range(2):  # the second call runs on the cached row -> layer index
             host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
             base = 0 * model(x).sum()
-            ops = profiled_ops(lambda: host.chain("batchkit_transform_loss", base, outputs=base, batch=x, module=model, ctx=host.ctx))
+            ops = profiled_ops(lambda h=host, b=base, x=x, m=model: h.chain(
+                "batchkit_transform_loss", b, outputs=b, batch=x, module=m, ctx=h.ctx))
         counts[layers] = len(ops)
     assert counts[2] == counts[6], counts
     assert counts[2] <= 40, counts
