@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import importlib
 import json
 import os
 import socket
@@ -52,6 +53,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Empty
 from typing import Any
 from typing import Iterator
 
@@ -223,11 +225,29 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
         hosts[mode] = PluginHost([plugin])
         hosts[mode].ctx.rank, hosts[mode].ctx.world_size = rank, world
         plugin.attach(model)  # both attached; only the host that opens its window records
+    # Time blocked waiting for the counts' all-reduce (global mode overlaps it since issue 17: the
+    # wait is in backward; before, the blocking all-reduce sat in the loss stage, see loss_stage_us).
+    waited = [0.0]
+    counts_class = getattr(importlib.import_module("batchkit_moe_balance.plugin"), "_MicroBatchCounts", None)
+    if counts_class is not None:
+        untimed_wait = counts_class.wait
+
+        def timed_wait(self: Any, layer: int) -> None:
+            start = time.perf_counter()
+            untimed_wait(self, layer)
+            waited[0] += time.perf_counter() - start
+
+        counts_class.wait = timed_wait
+    wait_ms: list[float] = []
+    # CPU time of this process per step (its threads, gloo's included): the work each mode does,
+    # which other processes on a shared machine slow down far less than the wall-clock time
+    cpu_times: dict[str, list[float]] = {m: [] for m in MODES}
 
     def block(mode: str) -> float:
         host = hosts[mode]
         torch_dist.barrier()
-        start = time.perf_counter()
+        waited[0] = 0.0
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps_per_block):
             idx = torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)
             window = torch.stack([train[int(i)][0] for i in idx])
@@ -241,11 +261,17 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
             host.ctx.global_step += 1
             host.notify("batchkit_step_end", ctx=host.ctx)
         torch_dist.barrier()
-        return (time.perf_counter() - start) / steps_per_block
+        elapsed = (time.perf_counter() - start) / steps_per_block
+        cpu_times[mode].append((time.process_time() - cpu_start) / steps_per_block)
+        if mode == "global":
+            wait_ms.append(1e3 * waited[0] / steps_per_block)
+        return elapsed
 
     block("micro"), block("global")  # warm-up
     for mode in MODES:
         hosts[mode].reset_timings()
+        cpu_times[mode].clear()
+    wait_ms.clear()
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]
@@ -261,7 +287,8 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
         torch_dist.all_reduce(packet)
         latencies.append(time.perf_counter() - start)
     if rank == 0:
-        queue.put({"times": times, "loss_stage_us": loss_stage_us, "allreduce_alone_us": 1e6 * statistics.median(latencies[50:])})
+        queue.put({"times": times, "cpu_times": cpu_times, "loss_stage_us": loss_stage_us, "allreduce_alone_us": 1e6 * statistics.median(latencies[50:]),
+                   "wait_ms_per_step": statistics.median(wait_ms) if counts_class is not None else None})
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 
@@ -278,7 +305,16 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
         procs = [ctx.Process(target=overhead_worker, args=(r, 2, port, steps_per_block, rounds, queue)) for r in range(2)]
         for p in procs:
             p.start()
-        result = queue.get(timeout=3600)
+        result = None
+        while result is None:  # a rank that dies leaves the other blocked in a collective: stop both
+            try:
+                result = queue.get(timeout=5)
+            except Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    for p in procs:
+                        p.kill()
+                    raise SystemExit(f"overhead timing: rank(s) died {dead} (rank, exit code; negative = signal)") from None
         for p in procs:
             p.join()
     times = result["times"]
@@ -290,8 +326,12 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
         "ratio_of_median_step_times": statistics.median(times["global"]) / statistics.median(times["micro"]),
         "ratios": ratios,
         "step_ms": {m: 1e3 * statistics.median(times[m]) for m in MODES},
+        "cpu_ratio_median": statistics.median(
+            [g / m for g, m in zip(result["cpu_times"]["global"], result["cpu_times"]["micro"])]),
+        "cpu_ms_per_step": {m: 1e3 * statistics.median(result["cpu_times"][m]) for m in MODES},
         "loss_stage_us": result["loss_stage_us"],
         "allreduce_alone_us": result["allreduce_alone_us"],
+        "global_wait_in_backward_ms_per_step": result["wait_ms_per_step"],
         "steps_per_block": steps_per_block,
         "rounds": rounds,
         "setup": "2 processes, DDP on gloo, 1 torch thread each, micro-batch "
@@ -525,7 +565,9 @@ def print_cost(cost: dict) -> None:
           f"(quartiles {cost['ratio_quartiles'][0]:.3f}-{cost['ratio_quartiles'][1]:.3f}; "
           f"micro {cost['step_ms']['micro']:.2f} ms, global {cost['step_ms']['global']:.2f} ms; "
           f"loss stage {cost['loss_stage_us']['micro']:.0f} vs {cost['loss_stage_us']['global']:.0f} us; "
-          f"all-reduce alone {cost['allreduce_alone_us']:.0f} us)", flush=True)
+          f"all-reduce alone {cost['allreduce_alone_us']:.0f} us; CPU time ratio "
+          f"{cost['cpu_ratio_median']:.4f}; rank 0 waited "
+          f"{cost.get('global_wait_in_backward_ms_per_step') or 0:.3f} ms per step for the counts)", flush=True)
 
 
 def update_summary(result: dict) -> None:

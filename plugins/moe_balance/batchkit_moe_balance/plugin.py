@@ -8,12 +8,12 @@ Two ways the loss is computed, same gradient:
   process): the captured logits of every router call go through one softmax, one top-k and three
   ``index_add`` (:func:`grouped_routing_statistics`), whatever the number of layers;
 * **overlapped** (global mode with more than one data-parallel rank): each router call's counts are
-  computed in the forward hook and their all-reduce starts right away, asynchronously; the gradient
-  of the layer's term, which is the only thing that needs the global counts, is computed in
-  backward by :class:`_DeferredLBLGradient`, which waits for that layer's all-reduce there. Its
-  autograd node is created right after the router ran, so the engine reaches it after the backward
-  of everything above the router: by then the other ranks have long finished that router's forward,
-  and the wait costs nothing in the usual case.
+  computed in its forward hook, and one asynchronous all-reduce of every layer's counts starts as
+  soon as the last router has run; the gradient of each layer's term, the only thing that needs the
+  global counts, is computed in backward by :class:`_DeferredLBLGradient`, which waits for the
+  all-reduce there. Its autograd node is created right after the router ran, so the engine reaches
+  it after the backward of everything above that router: by then the other ranks have long finished
+  their forward, and the wait costs nothing in the usual case.
 """
 
 from __future__ import annotations
@@ -482,8 +482,12 @@ class MoELoadBalancing(Plugin):
         return layer_values.mean(-1) if self.layer_reduction == "mean" else layer_values.sum(-1)
 
     def _group_index(self, key: Any, device: torch.device, build: Any) -> torch.Tensor:
+        """The row -> group index for one layout of router calls, built once per layout (a few
+        layouts kept: with dynamic padding every sequence length is a new one)."""
         group = self._groups.get((key, device))
         if group is None:
+            if len(self._groups) >= 8:
+                self._groups.pop(next(iter(self._groups)))
             group = self._groups[(key, device)] = build().to(device)
         return group
 
@@ -596,7 +600,8 @@ class MoELoadBalancing(Plugin):
     # -- global mode, overlapped ----------------------------------------------------------------------
 
     def _on_router_call(self, layer: int, logits: torch.Tensor) -> None:
-        """In the forward, right after a router ran: its counts, and their all-reduce started."""
+        """In the forward, right after a router ran: its counts; after the last router, the all-reduce
+        of every layer's counts starts."""
         pending = self._pending
         assert pending is not None
         E = logits.shape[-1]
@@ -615,12 +620,9 @@ class MoELoadBalancing(Plugin):
                 local.index_add_(0, chosen, weight.double().repeat_interleave(self._k))
                 local[E] = weight.sum()
                 prob_sum = (probs * weight.unsqueeze(-1)).sum(0)
-            if dist.is_distributed():
-                reduced = local.clone()
-                handle = torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM, async_op=True)
-            else:
-                reduced, handle = local, None
-        pending.add(layer, local, reduced, handle, prob_sum)
+        pending.add(layer, local, prob_sum)
+        if layer == self.num_layers - 1:  # the last router: all layers' counts go now, in one all-reduce
+            pending.send()
         pending.terms.append(_DeferredLBLGradient.apply(logits, weight, pending, layer, self._score))
 
     def _overlapped_loss(self) -> torch.Tensor:
@@ -631,6 +633,7 @@ class MoELoadBalancing(Plugin):
         self._layer_logits()
         pending = self._pending
         assert pending is not None
+        pending.send()  # counts of router calls after the last router's (none in a plain forward)
         k, E = self._k, self.num_experts
         local = pending.local_counts()  # [L, E + 1] float64
         prob_sum = pending.prob_sums()  # [L, E], detached
@@ -724,10 +727,14 @@ class _LastMicroBatch:
 
 
 class _MicroBatchCounts:
-    """One micro-batch's count all-reduces in overlapped global mode.
+    """One micro-batch's counts and their all-reduce in overlapped global mode.
 
-    Filled in the forward, one router call at a time (:meth:`add`); read in backward, one layer at a
-    time (:meth:`gradient_weights`), and by the logs and checkpoints. ``base`` is Algorithm 1's
+    Filled in the forward, one router call at a time (:meth:`add`). The counts of all layers go in
+    one ``[L, N_E + 1]`` all-reduce, started (asynchronously) as soon as the last router has run
+    (:meth:`send`): the backward needs the last layer's result first, so a collective per layer would
+    start no wait earlier and cost L times the collective's fixed latency. Calls after that (a router
+    run twice) go in a second one, sent at the loss stage at the latest. Read in backward, one layer
+    at a time (:meth:`gradient_weights`), and by the logs and checkpoints. ``base`` is Algorithm 1's
     buffer before this micro-batch (all ranks' counts of the step's earlier micro-batches).
     """
 
@@ -739,18 +746,39 @@ class _MicroBatchCounts:
         self.coefficient = plugin.coefficient * scale  # per layer
         self.micro_coefficient = plugin.micro_coefficient * scale
         self.local: list[list[torch.Tensor]] = [[] for _ in range(L)]  # this rank's c | T, per call
-        self.reduced: list[list[torch.Tensor]] = [[] for _ in range(L)]  # the same, summed over ranks when done
-        self.handles: list[list[Any]] = [[] for _ in range(L)]
         self.sums: list[list[torch.Tensor]] = [[] for _ in range(L)]  # sum_x p(x, i), detached, per call
         self.terms: list[torch.Tensor] = []
+        self._unsent: list[tuple[int, torch.Tensor]] = []  # (layer, c | T) not yet in an all-reduce
+        self._packets: list[torch.Tensor] = []  # [L, N_E + 1] each: summed over the ranks once waited for
+        self._handles: list[Any] = []
+        self._packets_of_layer: list[list[int]] = [[] for _ in range(L)]
         self._global: dict[int, torch.Tensor] = {}
         self._gradient: dict[int, torch.Tensor] = {}
 
-    def add(self, layer: int, local: torch.Tensor, reduced: torch.Tensor, handle: Any, prob_sum: torch.Tensor) -> None:
+    def add(self, layer: int, local: torch.Tensor, prob_sum: torch.Tensor) -> None:
         self.local[layer].append(local)
-        self.reduced[layer].append(reduced)
-        self.handles[layer].append(handle)
         self.sums[layer].append(prob_sum)
+        self._unsent.append((layer, local))
+
+    def send(self) -> None:
+        """Start the all-reduce of the counts not sent yet (no communication in one process)."""
+        if not self._unsent:
+            return
+        L = len(self.local)
+        by_layer: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        for layer, local in self._unsent:
+            by_layer[layer].append(local)
+        zeros = torch.zeros_like(self._unsent[0][1])
+        packet = torch.stack([p[0] if len(p) == 1 else (torch.stack(p).sum(0) if p else zeros) for p in by_layer])
+        handle = None
+        if dist.is_distributed():
+            handle = torch_dist.all_reduce(packet, op=torch_dist.ReduceOp.SUM, async_op=True)
+        index = len(self._packets)
+        self._packets.append(packet)
+        self._handles.append(handle)
+        for layer in {layer for layer, _ in self._unsent}:
+            self._packets_of_layer[layer].append(index)
+        self._unsent = []
 
     @staticmethod
     def _per_layer(parts: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
@@ -769,22 +797,32 @@ class _MicroBatchCounts:
         """This rank's ``[L, N_E]`` sum_x p(x, i) (detached)."""
         return self._per_layer(self.sums, self._like(self.sums))
 
+    def _wait(self, index: int) -> None:
+        handle = self._handles[index]
+        if handle is not None:
+            handle.wait()
+            self._handles[index] = None
+
     def wait(self, layer: int) -> None:
-        for i, handle in enumerate(self.handles[layer]):
-            if handle is not None:
-                handle.wait()
-                self.handles[layer][i] = None
+        """Wait for the all-reduces holding this layer's counts (sending any still unsent)."""
+        if any(unsent_layer == layer for unsent_layer, _ in self._unsent):
+            self.send()
+        for index in self._packets_of_layer[layer]:
+            self._wait(index)
 
     def wait_all(self) -> None:
-        for layer in range(len(self.handles)):
-            self.wait(layer)
+        self.send()
+        for index in range(len(self._packets)):
+            self._wait(index)
 
     def layer_counts(self, layer: int) -> torch.Tensor:
         """Step-so-far counts of one layer over all ranks, ``[N_E + 1]`` float64 (waits for them)."""
         counts = self._global.get(layer)
         if counts is None:
             self.wait(layer)
-            parts = self.reduced[layer]
+            parts = [self._packets[i][layer] for i in self._packets_of_layer[layer]]
+            if not parts:
+                parts = [torch.zeros_like(self._packets[0][layer])]
             counts = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             if self.base is not None:
                 counts = self.base[layer].to(counts.device) + counts
