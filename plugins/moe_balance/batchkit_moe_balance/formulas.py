@@ -46,22 +46,20 @@ def routing_probabilities(logits: torch.Tensor, score: Score = "softmax") -> tor
 
 
 def routing_probabilities_backward(
-    logits: torch.Tensor, weight_per_expert: torch.Tensor, score: Score = "softmax"
+    logits: torch.Tensor, weight_per_expert: torch.Tensor, score: Score = "softmax", probs: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The gradient of ``sum_x sum_i g_i p(x, i)`` with respect to the logits, for a fixed ``g``
     ``[..., N_E]`` (broadcast over the rows): the backward of ``P`` written out, so it can run later
     than the forward (global mode computes ``g = N_E f_i / T`` only once the counts arrived).
 
     softmax: ``dz_j = p_j (g_j - sum_i g_i p_i)``; normalised sigmoid ``p = s / S``:
-    ``dz_j = p_j (1 - s_j) (g_j - sum_i g_i p_i)``.
+    ``dz_j = p_j (1 - s_j) (g_j - sum_i g_i p_i)``. ``probs``: ``p`` if already computed.
     """
-    z = logits.float()
+    p = routing_probabilities(logits, score) if probs is None else probs
+    centred = weight_per_expert - (p * weight_per_expert).sum(-1, keepdim=True)
     if score == "softmax":
-        p = torch.softmax(z, dim=-1)
-        return p * (weight_per_expert - (p * weight_per_expert).sum(-1, keepdim=True))
-    s = torch.sigmoid(z)
-    p = s / s.sum(-1, keepdim=True)
-    return p * (1 - s) * (weight_per_expert - (p * weight_per_expert).sum(-1, keepdim=True))
+        return p * centred
+    return p * (1 - torch.sigmoid(logits.float())) * centred
 
 
 def routing_statistics(

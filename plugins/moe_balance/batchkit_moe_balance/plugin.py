@@ -401,7 +401,7 @@ class MoELoadBalancing(Plugin):
     @property
     def last_local_counts(self) -> torch.Tensor | None:
         """This rank's own counts ``c`` (and ``T`` in the last column) of the last micro-batch."""
-        return None if self._last is None else self._last.local
+        return None if self._last is None else self._last.local.float()
 
     @property
     def last_f_counts(self) -> torch.Tensor | None:
@@ -481,14 +481,14 @@ class MoELoadBalancing(Plugin):
     def _reduce(self, layer_values: torch.Tensor) -> torch.Tensor:
         return layer_values.mean(-1) if self.layer_reduction == "mean" else layer_values.sum(-1)
 
-    def _group_index(self, key: Any, device: torch.device, build: Any) -> torch.Tensor:
-        """The row -> group index for one layout of router calls, built once per layout (a few
-        layouts kept: with dynamic padding every sequence length is a new one)."""
+    def _group_index(self, key: Any, device: torch.device, build: Any) -> Any:
+        """Row -> group indices for one layout of router calls (``build(device)``), built once per
+        layout (a few layouts kept: with dynamic padding every sequence length is a new one)."""
         group = self._groups.get((key, device))
         if group is None:
             if len(self._groups) >= 8:
                 self._groups.pop(next(iter(self._groups)))
-            group = self._groups[(key, device)] = build().to(device)
+            group = self._groups[(key, device)] = build(device)
         return group
 
     def _auxiliary_loss(self) -> torch.Tensor:
@@ -513,8 +513,8 @@ class MoELoadBalancing(Plugin):
         if self.mode == "sequence":
             return self._sequence_loss(calls, flat, weight, sizes, device)
 
-        group = self._group_index(sizes, device, lambda: torch.repeat_interleave(
-            torch.tensor([layer for layer, _ in sizes]), torch.tensor([n for _, n in sizes])))
+        group = self._group_index(sizes, device, lambda device: torch.repeat_interleave(
+            torch.tensor([layer for layer, _ in sizes]), torch.tensor([n for _, n in sizes])).to(device))
         counts, prob_sum, tokens = grouped_routing_statistics(flat, group, L, k, weight, self._score)  # [L, E] each
         local = torch.cat([counts, tokens[:, None]], 1)  # this rank's c | T
         micro = None
@@ -554,12 +554,12 @@ class MoELoadBalancing(Plugin):
                     "the sequence length the routers see"
                 )
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
+        def build(device: torch.device) -> torch.Tensor:
             seqs = [n // s for (_, n), s in zip(sizes, lengths)]
             rows_per_group = torch.tensor(lengths).repeat_interleave(torch.tensor(seqs))
             row_group = torch.repeat_interleave(torch.arange(sum(seqs)), rows_per_group)
             group_layer = torch.repeat_interleave(torch.tensor([layer for layer, _ in sizes]), torch.tensor(seqs))
-            return torch.cat([row_group, group_layer])
+            return torch.cat([row_group, group_layer]).to(device)
 
         both = self._group_index((sizes, lengths), device, build)
         row_group, group_layer = both[: flat.shape[0]], both[flat.shape[0]:]
@@ -600,30 +600,14 @@ class MoELoadBalancing(Plugin):
     # -- global mode, overlapped ----------------------------------------------------------------------
 
     def _on_router_call(self, layer: int, logits: torch.Tensor) -> None:
-        """In the forward, right after a router ran: its counts; after the last router, the all-reduce
-        of every layer's counts starts."""
+        """In the forward, right after a router ran. After the last router: every layer's counts, their
+        all-reduce started, and the autograd node that will wait for it in backward."""
         pending = self._pending
         assert pending is not None
-        E = logits.shape[-1]
-        self._check_experts(layer, E)
-        rows = logits.detach().reshape(-1, E)
-        weight = self._row_weight(layer, rows.shape[0], rows.device)
-        with torch.no_grad():
-            probs = routing_probabilities(rows, self._score)  # p(x, i)
-            chosen = probs.topk(self._k, dim=-1).indices.reshape(-1)
-            local = torch.zeros(E + 1, dtype=torch.float64, device=rows.device)  # c | T
-            if weight is None:
-                local.index_add_(0, chosen, local.new_ones(()).expand(chosen.numel()))
-                local[E] = rows.shape[0]
-                prob_sum = probs.sum(0)
-            else:
-                local.index_add_(0, chosen, weight.double().repeat_interleave(self._k))
-                local[E] = weight.sum()
-                prob_sum = (probs * weight.unsqueeze(-1)).sum(0)
-        pending.add(layer, local, prob_sum)
+        self._check_experts(layer, logits.shape[-1])
+        pending.add(_RouterCall(layer, logits))
         if layer == self.num_layers - 1:  # the last router: all layers' counts go now, in one all-reduce
             pending.send()
-        pending.terms.append(_DeferredLBLGradient.apply(logits, weight, pending, layer, self._score))
 
     def _overlapped_loss(self) -> torch.Tensor:
         """The loss stage in overlapped global mode: the gradient is already wired (one zero-valued term
@@ -636,7 +620,7 @@ class MoELoadBalancing(Plugin):
         pending.send()  # counts of router calls after the last router's (none in a plain forward)
         k, E = self._k, self.num_experts
         local = pending.local_counts()  # [L, E + 1] float64
-        prob_sum = pending.prob_sums()  # [L, E], detached
+        prob_sum = pending.prob_sums()  # [L, E], no gradient (that is the deferred nodes' job)
         tokens = local[:, E]
         known = local if pending.base is None else pending.base.to(local.device) + local
         value = self.coefficient * self._reduce(load_balancing_loss(known[:, :E], known[:, E], prob_sum, tokens, k))
@@ -646,15 +630,15 @@ class MoELoadBalancing(Plugin):
         graph = torch.stack(pending.terms).sum() if len(pending.terms) > 1 else pending.terms[0]
         pending.terms = []  # their autograd nodes refer to `pending`: no reference cycle keeping the logits alive
         self._step_pending = pending
-        local_f = local.float()
-        self._last = _LastMicroBatch(local_f, prob_sum, pending.global_counts, pending.layer_losses)
+        self._last = _LastMicroBatch(local, prob_sum, pending.global_counts, pending.layer_losses)
         if self._logging_step:
-            self._records.append((local_f, prob_sum, pending))
+            self._records.append((local, prob_sum, pending))
         return graph + value.float()
 
     def _step_counts_so_far(self) -> torch.Tensor | None:
         if self._step_pending is not None:  # fold the newest micro-batch in (waits only if still in flight)
             self._step_buffer = self._step_pending.global_counts()
+            self._step_pending.release_rows()
             self._step_pending = None
         return self._step_buffer
 
@@ -726,163 +710,205 @@ class _LastMicroBatch:
         self.layer_losses = layer_losses
 
 
-class _MicroBatchCounts:
-    """One micro-batch's counts and their all-reduce in overlapped global mode.
+class _RouterCall:
+    """One router call of a micro-batch: its logits, and where its rows sit in the chunk of calls
+    whose counts went out in the same all-reduce."""
 
-    Filled in the forward, one router call at a time (:meth:`add`). The counts of all layers go in
-    one ``[L, N_E + 1]`` all-reduce, started (asynchronously) as soon as the last router has run
-    (:meth:`send`): the backward needs the last layer's result first, so a collective per layer would
-    start no wait earlier and cost L times the collective's fixed latency. Calls after that (a router
-    run twice) go in a second one, sent at the loss stage at the latest. Read in backward, one layer
-    at a time (:meth:`gradient_weights`), and by the logs and checkpoints. ``base`` is Algorithm 1's
-    buffer before this micro-batch (all ranks' counts of the step's earlier micro-batches).
+    __slots__ = ("layer", "logits", "chunk", "start", "end")
+
+    def __init__(self, layer: int, logits: torch.Tensor) -> None:
+        self.layer, self.logits = layer, logits
+        self.chunk, self.start, self.end = -1, 0, 0
+
+
+class _Chunk:
+    """Router calls whose counts share one all-reduce: their rows concatenated, each row's layer."""
+
+    __slots__ = ("rows", "probs", "group", "weight", "local", "packet", "handle")
+
+    def __init__(self, rows: torch.Tensor, probs: torch.Tensor, group: torch.Tensor, weight: torch.Tensor | None,
+                 local: torch.Tensor, packet: torch.Tensor, handle: Any) -> None:
+        self.rows, self.probs, self.group, self.weight = rows, probs, group, weight
+        self.local, self.packet, self.handle = local, packet, handle
+
+
+class _MicroBatchCounts:
+    """One micro-batch in overlapped global mode: its router calls, their counts and the all-reduce.
+
+    The router hooks only record (:meth:`add`) until the last router has run; then the counts of every
+    layer are computed at once and one ``[L, N_E + 1]`` all-reduce starts, asynchronously
+    (:meth:`send`). The backward needs the last layer's counts first, so a collective per layer would
+    start no wait earlier and cost the collective's fixed latency once per layer. Router calls after
+    the last router's (a router run twice) go in a second all-reduce, at the loss stage at the latest.
+    The first deferred node reached in backward waits, then computes the gradient of every call's
+    logits at once (:meth:`row_gradients`). ``base`` is Algorithm 1's buffer before this micro-batch
+    (all ranks' counts of the step's earlier micro-batches).
     """
 
     def __init__(self, plugin: MoELoadBalancing, base: torch.Tensor | None) -> None:
         L = plugin.num_layers
+        self.plugin = plugin
         self.base = base
-        self.top_k = plugin._k
+        self.num_layers, self.top_k, self.score = L, plugin._k, plugin._score
         scale = 1.0 / L if plugin.layer_reduction == "mean" else 1.0
         self.coefficient = plugin.coefficient * scale  # per layer
         self.micro_coefficient = plugin.micro_coefficient * scale
-        self.local: list[list[torch.Tensor]] = [[] for _ in range(L)]  # this rank's c | T, per call
-        self.sums: list[list[torch.Tensor]] = [[] for _ in range(L)]  # sum_x p(x, i), detached, per call
         self.terms: list[torch.Tensor] = []
-        self._unsent: list[tuple[int, torch.Tensor]] = []  # (layer, c | T) not yet in an all-reduce
-        self._packets: list[torch.Tensor] = []  # [L, N_E + 1] each: summed over the ranks once waited for
-        self._handles: list[Any] = []
-        self._packets_of_layer: list[list[int]] = [[] for _ in range(L)]
-        self._global: dict[int, torch.Tensor] = {}
-        self._gradient: dict[int, torch.Tensor] = {}
+        self.chunks: list[_Chunk] = []
+        self._unsent: list[_RouterCall] = []
+        self._local: torch.Tensor | None = None
+        self._prob_sums: torch.Tensor | None = None
+        self._global: torch.Tensor | None = None
+        self._gradient: torch.Tensor | None = None
+        self._row_gradients: dict[int, torch.Tensor] = {}
 
-    def add(self, layer: int, local: torch.Tensor, prob_sum: torch.Tensor) -> None:
-        self.local[layer].append(local)
-        self.sums[layer].append(prob_sum)
-        self._unsent.append((layer, local))
+    def add(self, call: _RouterCall) -> None:
+        self._unsent.append(call)
 
     def send(self) -> None:
-        """Start the all-reduce of the counts not sent yet (no communication in one process)."""
-        if not self._unsent:
+        """Count the top-k choices and tokens of every router call not sent yet, all layers in a few
+        operations, start their all-reduce (no communication in one process), and create the autograd
+        node that computes their gradient (:class:`_DeferredLBLGradient`): created now, right after the
+        last router, the engine reaches it once the backward has come down to that router."""
+        calls, self._unsent = self._unsent, []
+        if not calls:
             return
-        L = len(self.local)
-        by_layer: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        for layer, local in self._unsent:
-            by_layer[layer].append(local)
-        zeros = torch.zeros_like(self._unsent[0][1])
-        packet = torch.stack([p[0] if len(p) == 1 else (torch.stack(p).sum(0) if p else zeros) for p in by_layer])
-        handle = None
-        if dist.is_distributed():
-            handle = torch_dist.all_reduce(packet, op=torch_dist.ReduceOp.SUM, async_op=True)
-        index = len(self._packets)
-        self._packets.append(packet)
-        self._handles.append(handle)
-        for layer in {layer for layer, _ in self._unsent}:
-            self._packets_of_layer[layer].append(index)
-        self._unsent = []
+        plugin, L, k = self.plugin, self.num_layers, self.top_k
+        E = calls[0].logits.shape[-1]
+        parts = [call.logits.detach().reshape(-1, E) for call in calls]
+        layout = tuple((call.layer, part.shape[0]) for call, part in zip(calls, parts))
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    @staticmethod
-    def _per_layer(parts: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-        if all(len(p) == 1 for p in parts):
-            return torch.stack([p[0] for p in parts])
-        return torch.stack([torch.stack(p).sum(0) if p else torch.zeros_like(like) for p in parts])
+        def build(device: torch.device) -> tuple[torch.Tensor, ...]:
+            group = torch.repeat_interleave(torch.tensor([layer for layer, _ in layout]), torch.tensor([n for _, n in layout]))
+            tokens = torch.zeros(L, E + 1, dtype=torch.float64)  # T per layer, without a mask
+            tokens[:, E].index_add_(0, group, torch.ones(len(group), dtype=torch.float64))
+            # each row's layer; where its counts start in the flat [L * (E + 1)] packet; where its T goes
+            return tuple(t.to(device) for t in (group, (group * (E + 1)).unsqueeze(-1), group * (E + 1) + E, tokens.view(-1)))
 
-    def _like(self, parts: list[list[torch.Tensor]]) -> torch.Tensor:
-        return next(t for p in parts for t in p)
-
-    def local_counts(self) -> torch.Tensor:
-        """This rank's ``[L, N_E + 1]`` c | T (float64)."""
-        return self._per_layer(self.local, self._like(self.local))
-
-    def prob_sums(self) -> torch.Tensor:
-        """This rank's ``[L, N_E]`` sum_x p(x, i) (detached)."""
-        return self._per_layer(self.sums, self._like(self.sums))
-
-    def _wait(self, index: int) -> None:
-        handle = self._handles[index]
-        if handle is not None:
-            handle.wait()
-            self._handles[index] = None
-
-    def wait(self, layer: int) -> None:
-        """Wait for the all-reduces holding this layer's counts (sending any still unsent)."""
-        if any(unsent_layer == layer for unsent_layer, _ in self._unsent):
-            self.send()
-        for index in self._packets_of_layer[layer]:
-            self._wait(index)
+        group, slot_start, token_slot, tokens = plugin._group_index(("counts", layout, E), rows.device, build)
+        weight = None
+        if plugin._mask is not None:
+            weight = plugin._row_weight(calls[0].layer, parts[0].shape[0], rows.device)
+            for call, part in zip(calls[1:], parts[1:]):
+                plugin._row_weight(call.layer, part.shape[0], rows.device)
+            weight = weight.repeat(len(parts)) if len(parts) > 1 else weight
+        with torch.no_grad():
+            probs = routing_probabilities(rows, self.score)  # p(x, i)
+            chosen = probs.topk(k, dim=-1).indices
+            slots = (slot_start + chosen).reshape(-1)  # (layer, expert) of every top-k choice
+            if weight is None:
+                local = tokens.clone().index_add_(0, slots, tokens.new_ones(()).expand(slots.numel()))  # T, then c
+            else:
+                weight64 = weight.double()
+                local = torch.zeros_like(tokens).index_add_(0, slots, weight64.repeat_interleave(k))
+                local.index_add_(0, token_slot, weight64)
+            local = local.view(L, E + 1)  # this rank's c | T
+            packet, handle = local, None
+            if dist.is_distributed():
+                packet = local.clone()
+                handle = torch_dist.all_reduce(packet, op=torch_dist.ReduceOp.SUM, async_op=True)
+        offset = 0
+        for call, part in zip(calls, parts):
+            call.chunk, call.start, call.end = len(self.chunks), offset, offset + part.shape[0]
+            offset += part.shape[0]
+        self.chunks.append(_Chunk(rows, probs, group, weight, local, packet, handle))
+        self._local = self._prob_sums = self._global = self._gradient = None
+        self.terms.append(_DeferredLBLGradient.apply(self, calls, *(call.logits for call in calls)))
 
     def wait_all(self) -> None:
         self.send()
-        for index in range(len(self._packets)):
-            self._wait(index)
+        for chunk in self.chunks:
+            if chunk.handle is not None:
+                chunk.handle.wait()
+                chunk.handle = None
 
-    def layer_counts(self, layer: int) -> torch.Tensor:
-        """Step-so-far counts of one layer over all ranks, ``[N_E + 1]`` float64 (waits for them)."""
-        counts = self._global.get(layer)
-        if counts is None:
-            self.wait(layer)
-            parts = [self._packets[i][layer] for i in self._packets_of_layer[layer]]
-            if not parts:
-                parts = [torch.zeros_like(self._packets[0][layer])]
-            counts = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            if self.base is not None:
-                counts = self.base[layer].to(counts.device) + counts
-            self._global[layer] = counts
-        return counts
+    def local_counts(self) -> torch.Tensor:
+        """This rank's ``[L, N_E + 1]`` c | T (float64)."""
+        if self._local is None:
+            self._local = self.chunks[0].local if len(self.chunks) == 1 else torch.stack([c.local for c in self.chunks]).sum(0)
+        return self._local
+
+    def prob_sums(self) -> torch.Tensor:
+        """This rank's ``[L, N_E]`` sum_x p(x, i), no gradient: every call's rows at once."""
+        if self._prob_sums is None:
+            total = None
+            with torch.no_grad():
+                for chunk in self.chunks:
+                    probs = chunk.probs if chunk.weight is None else chunk.probs * chunk.weight.unsqueeze(-1)
+                    part = probs.new_zeros(self.num_layers, probs.shape[1]).index_add_(0, chunk.group, probs)
+                    total = part if total is None else total + part
+            self._prob_sums = total
+        return self._prob_sums
 
     def global_counts(self) -> torch.Tensor:
-        """Algorithm 1's buffer after this micro-batch, ``[L, N_E + 1]`` float64."""
-        return torch.stack([self.layer_counts(layer) for layer in range(len(self.local))])
+        """Algorithm 1's buffer after this micro-batch, ``[L, N_E + 1]`` float64 (waits for the all-reduce)."""
+        if self._global is None:
+            self.wait_all()
+            counts = self.chunks[0].packet if len(self.chunks) == 1 else torch.stack([c.packet for c in self.chunks]).sum(0)
+            self._global = counts if self.base is None else self.base.to(counts.device) + counts
+        return self._global
 
-    def gradient_weights(self, layer: int) -> torch.Tensor:
-        """``dLoss / d sum_x p(x, i)`` of one layer, ``[N_E]``: coefficient * N_E * f_i / T_local, with
-        f from the global counts (plus the micro term's, with f from this rank's counts)."""
-        g = self._gradient.get(layer)
-        if g is None:
-            counts = self.layer_counts(layer)
-            E = counts.shape[0] - 1
-            local = self.local[layer][0] if len(self.local[layer]) == 1 else torch.stack(self.local[layer]).sum(0)
-            local_tokens = local[E].clamp_min(1)
-            f = counts[:E] / (self.top_k * counts[E].clamp_min(1))  # f_i, global
+    def gradient_weights(self) -> torch.Tensor:
+        """``dLoss / d sum_x p(x, i)`` per layer, ``[L, N_E]``: coefficient * N_E * f_i / T_local, with f
+        from the global counts (plus the micro term's, with f from this rank's counts)."""
+        if self._gradient is None:
+            counts, local = self.global_counts(), self.local_counts()
+            E = counts.shape[1] - 1
+            local_tokens = local[:, E:].clamp_min(1)
+            f = counts[:, :E] / (self.top_k * counts[:, E:].clamp_min(1))  # f_i, global
             g = f * (self.coefficient * E / local_tokens)
             if self.micro_coefficient:
-                f_local = local[:E] / (self.top_k * local_tokens)
-                g = g + f_local * (self.micro_coefficient * E / local_tokens)
-            g = self._gradient[layer] = g.float()
-        return g
+                g = g + local[:, :E] / (self.top_k * local_tokens) * (self.micro_coefficient * E / local_tokens)
+            self._gradient = g.float()
+        return self._gradient
+
+    def row_gradients(self, chunk_index: int) -> torch.Tensor:
+        """The gradient of the loss with respect to every row of one chunk's logits, ``[rows, N_E]``
+        (the first call needs the global counts: this is where backward waits for the all-reduce)."""
+        d = self._row_gradients.get(chunk_index)
+        if d is None:
+            chunk = self.chunks[chunk_index]
+            d = routing_probabilities_backward(chunk.rows, self.gradient_weights()[chunk.group], self.score, chunk.probs)
+            if chunk.weight is not None:
+                d = d * chunk.weight.unsqueeze(-1)
+            self._row_gradients[chunk_index] = d
+        return d
+
+    def release_rows(self) -> None:
+        """Drop the logits and per-row gradients once backward is over (the counts stay)."""
+        self.prob_sums()
+        for chunk in self.chunks:
+            chunk.rows = chunk.probs = chunk.group = chunk.weight = None
+        self._row_gradients.clear()
 
     def layer_losses(self) -> torch.Tensor:
         """The exact per-layer term trained (the value of what the gradient is of), ``[L]``."""
-        counts = self.global_counts()
-        local = self.local_counts()
+        counts, local = self.global_counts(), self.local_counts()
         E = counts.shape[1] - 1
         lbl = load_balancing_loss(counts[:, :E], counts[:, E], self.prob_sums().double(), local[:, E], self.top_k)
         return lbl.float()
 
 
 class _DeferredLBLGradient(torch.autograd.Function):
-    """Zero in the forward; in backward, the gradient of the layer's global-batch LBL term with
-    respect to one router call's logits, once the layer's counts have arrived.
+    """Zero in the forward; in backward, the gradient of the global-batch LBL with respect to the
+    logits of a chunk of router calls, once their counts have arrived (the wait is here).
 
-    The logits are kept as a plain attribute, not through ``save_for_backward``: inside a
-    non-reentrantly checkpointed region, saved tensors would be recomputed in backward, where the
-    capture window is closed and this function is not called again.
+    The logits are kept through the calls, not ``save_for_backward``: inside a non-reentrantly
+    checkpointed region, saved tensors would be recomputed in backward, where the capture window is
+    closed and this function is not called again.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, weight: torch.Tensor | None, pending: _MicroBatchCounts, layer: int,
-                score: str) -> torch.Tensor:
-        ctx.logits = logits.detach()
-        ctx.weight, ctx.pending, ctx.layer, ctx.score = weight, pending, layer, score
-        return logits.new_zeros((), dtype=torch.float32)
+    def forward(ctx: Any, pending: _MicroBatchCounts, calls: list[_RouterCall], *logits: torch.Tensor) -> torch.Tensor:
+        ctx.pending, ctx.calls = pending, calls
+        return logits[0].new_zeros((), dtype=torch.float32)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        g = ctx.pending.gradient_weights(ctx.layer)  # waits for this layer's all-reduce, here
-        logits = ctx.logits
-        rows = logits.reshape(-1, logits.shape[-1])
-        d_rows = routing_probabilities_backward(rows, g, ctx.score)
-        if ctx.weight is not None:
-            d_rows = d_rows * ctx.weight.unsqueeze(-1)
-        ctx.logits = ctx.weight = None  # released now rather than with the graph
-        return (d_rows * grad).reshape(logits.shape).to(logits.dtype), None, None, None, None
+        calls = ctx.calls
+        d_rows = ctx.pending.row_gradients(calls[0].chunk) * grad  # waits for the all-reduce
+        ctx.pending = ctx.calls = None  # released now rather than with the graph
+        grads = tuple(d_rows[c.start:c.end].reshape(c.logits.shape).to(c.logits.dtype) for c in calls)
+        return (None, None, *grads)
