@@ -230,14 +230,14 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
     waited = [0.0]
     counts_class = getattr(importlib.import_module("batchkit_moe_balance.plugin"), "_MicroBatchCounts", None)
     if counts_class is not None:
-        untimed_wait = counts_class.wait
+        untimed_wait = counts_class.wait_all
 
-        def timed_wait(self: Any, layer: int) -> None:
+        def timed_wait(self: Any) -> None:
             start = time.perf_counter()
-            untimed_wait(self, layer)
+            untimed_wait(self)
             waited[0] += time.perf_counter() - start
 
-        counts_class.wait = timed_wait
+        counts_class.wait_all = timed_wait
     wait_ms: list[float] = []
     # CPU time of this process per step (its threads, gloo's included): the work each mode does,
     # which other processes on a shared machine slow down far less than the wall-clock time
@@ -380,7 +380,7 @@ def count_ops(fn: Any, within: str | None = None) -> tuple[Any, int, int]:
     parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
     def inside(e: Any) -> bool:
         while e is not None:
-            if e.name == within:
+            if within in e.name:
                 return True
             e = e.cpu_parent
         return False
@@ -426,6 +426,7 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
         host = PluginHost([plugin])
         plugin.attach(model)
         rec: dict[str, list[int]] = {k: [] for k in ("batch_ops", "loss_ops", "loss_reads", "batch_reads", "hook_ops",
+                                                    "backward_ops",
                                                     "step_end_ops_logging", "step_end_reads_logging",
                                                     "step_end_ops_other", "step_end_reads_other",
                                                     "step_reads_logging", "step_reads_other")}
@@ -440,8 +441,9 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
                 loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
                 total, ops_l, reads_l = count_ops(functools.partial(
                     host.chain, "batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx))
-                total.backward()
+                _, backward_ops, _ = count_ops(total.backward, within="DeferredLBLGradientBackward")
                 if step:
+                    rec["backward_ops"].append(backward_ops)
                     rec["batch_ops"].append(ops_b)
                     rec["batch_reads"].append(reads_b)
                     rec["loss_ops"].append(ops_l)
@@ -468,6 +470,7 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
             "host_reads_per_step": {"logging_step": mean(rec["step_reads_logging"]), "other_step": mean(rec["step_reads_other"])},
             "host_reads_per_micro_batch_in_loss_stage": mean(rec["loss_reads"]),
             "router_hook_ops_per_micro_batch": mean(rec["hook_ops"]),
+            "deferred_backward_ops_per_micro_batch": mean(rec["backward_ops"]),
         }
 
     out = {"one_process": summarise(run(False))}
@@ -476,7 +479,8 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
     source = Path(batchkit_moe_balance.__file__).resolve().parent
     commit = sp.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                     check=False).stdout.strip()
-    out.update(label=label, plugin_source=str(source), commit=commit, steps=steps, accumulate=accumulate,
+    out.update(label=label, command=f"{sys.executable} " + " ".join(sys.argv), plugin_source=str(source), commit=commit,
+               steps=steps, accumulate=accumulate,
                log_every_n_steps=every, layers=MODEL["layers"], experts=MODEL["num_experts"],
                how="torch.profiler on the CPU: leaf aten operators (views and allocations excluded) per hook call, "
                    "mean over steps after one warm-up step; host reads = aten::_local_scalar_dense and Tensor.tolist/"

@@ -7,13 +7,13 @@ Two ways the loss is computed, same gradient:
 * **at the loss stage, all layers at once** (micro and sequence mode, and global mode in one
   process): the captured logits of every router call go through one softmax, one top-k and three
   ``index_add`` (:func:`grouped_routing_statistics`), whatever the number of layers;
-* **overlapped** (global mode with more than one data-parallel rank): each router call's counts are
-  computed in its forward hook, and one asynchronous all-reduce of every layer's counts starts as
-  soon as the last router has run; the gradient of each layer's term, the only thing that needs the
-  global counts, is computed in backward by :class:`_DeferredLBLGradient`, which waits for the
-  all-reduce there. Its autograd node is created right after the router ran, so the engine reaches
-  it after the backward of everything above that router: by then the other ranks have long finished
-  their forward, and the wait costs nothing in the usual case.
+* **overlapped** (global mode with more than one data-parallel rank): the router hooks record the
+  logits; the last router's hook counts every layer's top-k choices at once and starts one
+  asynchronous all-reduce of the counts; the gradient, the only thing that needs the global counts,
+  is computed in backward by :class:`_DeferredLBLGradient`, which waits for the all-reduce there.
+  Its autograd node is created right after the last router ran, so the engine reaches it once the
+  backward has come down to that router: by then the other ranks have long finished their forward,
+  and the wait costs nothing in the usual case.
 """
 
 from __future__ import annotations
