@@ -282,12 +282,15 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
     packet = torch.zeros(MODEL["layers"], MODEL["num_experts"] + 1, dtype=torch.float64)
     torch_dist.barrier()
     latencies = []
+    cpu_start = time.process_time()
     for _ in range(300):
         start = time.perf_counter()
         torch_dist.all_reduce(packet)
         latencies.append(time.perf_counter() - start)
+    allreduce_cpu_us = 1e6 * (time.process_time() - cpu_start) / 300  # this process's threads, gloo's included
     if rank == 0:
-        queue.put({"times": times, "cpu_times": cpu_times, "loss_stage_us": loss_stage_us, "allreduce_alone_us": 1e6 * statistics.median(latencies[50:]),
+        queue.put({"times": times, "cpu_times": cpu_times, "loss_stage_us": loss_stage_us,
+                   "allreduce_alone_us": 1e6 * statistics.median(latencies[50:]), "allreduce_cpu_us": allreduce_cpu_us,
                    "wait_ms_per_step": statistics.median(wait_ms) if counts_class is not None else None})
     torch_dist.barrier()
     torch_dist.destroy_process_group()
@@ -315,22 +318,26 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
                     for p in procs:
                         p.kill()
                     raise SystemExit(f"overhead timing: rank(s) died {dead} (rank, exit code; negative = signal)") from None
-        for p in procs:
-            p.join()
+        for p in procs:  # the figures are in; a rank stuck in its shutdown must not hold the run
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     times = result["times"]
     ratios = [g / m for g, m in zip(times["global"], times["micro"])]
     quartiles = statistics.quantiles(ratios, n=4)
+    cpu_ratios = [g / m for g, m in zip(result["cpu_times"]["global"], result["cpu_times"]["micro"])]
     return {
         "ratio_median": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],
         "ratio_of_median_step_times": statistics.median(times["global"]) / statistics.median(times["micro"]),
         "ratios": ratios,
         "step_ms": {m: 1e3 * statistics.median(times[m]) for m in MODES},
-        "cpu_ratio_median": statistics.median(
-            [g / m for g, m in zip(result["cpu_times"]["global"], result["cpu_times"]["micro"])]),
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratio_quartiles": [statistics.quantiles(cpu_ratios, n=4)[0], statistics.quantiles(cpu_ratios, n=4)[2]],
         "cpu_ms_per_step": {m: 1e3 * statistics.median(result["cpu_times"][m]) for m in MODES},
         "loss_stage_us": result["loss_stage_us"],
         "allreduce_alone_us": result["allreduce_alone_us"],
+        "allreduce_cpu_us": result["allreduce_cpu_us"],
         "global_wait_in_backward_ms_per_step": result["wait_ms_per_step"],
         "steps_per_block": steps_per_block,
         "rounds": rounds,
@@ -476,6 +483,7 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
     out = {"one_process": summarise(run(False))}
     if hasattr(MoELoadBalancing, "_overlap_in_one_process"):
         out["overlapped_path"] = summarise(run(True))  # what runs with more than one rank
+    out["cpu_ms_per_step"] = cpu_per_step(model, train)
     source = Path(batchkit_moe_balance.__file__).resolve().parent
     commit = sp.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                     check=False).stdout.strip()
@@ -485,6 +493,56 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
                how="torch.profiler on the CPU: leaf aten operators (views and allocations excluded) per hook call, "
                    "mean over steps after one warm-up step; host reads = aten::_local_scalar_dense and Tensor.tolist/"
                    "item/__float__/__bool__/cpu/numpy calls")
+    return out
+
+
+def cpu_per_step(model: Any, train: Any, rounds: int = 40, steps: int = 10) -> dict:
+    """CPU time (this thread) per training step in one process, without the plugin, with it in micro
+    mode, and in global mode on the overlapped path when the code has one: blocks of steps
+    interleaved, order flipped every round, median over rounds. CPU time, unlike wall time, is
+    barely changed by other processes on a shared machine."""
+    import torch
+    import torch.nn.functional as F
+
+    from batchkit import PluginHost
+    from batchkit_moe_balance import MoELoadBalancing
+
+    windows = [torch.stack([train[i][0], train[i + 1][0]]) for i in range(0, 2 * steps, 2)]
+    variants: dict[str, Any] = {"none": None}
+    for name, mode in (("micro", "micro"), ("global_overlapped", "global")):
+        if name == "global_overlapped" and not hasattr(MoELoadBalancing, "_overlap_in_one_process"):
+            continue
+        plugin = MoELoadBalancing(coefficient=TRAIN["coefficient"], mode=mode, router_type="Router", log_every_n_steps=0)
+        plugin._overlap_in_one_process = name == "global_overlapped"
+        host = PluginHost([plugin])
+        plugin.attach(model)
+        variants[name] = host
+
+    def step(host: Any, window: Any) -> None:
+        if host is not None:
+            host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx)
+        logits = model(window[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
+        if host is not None:
+            loss = host.chain("batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if host is not None:
+            host.ctx.global_step += 1
+            host.notify("batchkit_step_end", ctx=host.ctx)
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            start = time.thread_time()
+            for window in windows:
+                step(variants[name], window)
+            if r:  # round 0 warms up
+                times[name].append(1e3 * (time.thread_time() - start) / steps)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out.update({f"{name}_minus_micro": statistics.median([a - b for a, b in zip(times[name], times["micro"])])
+                for name in times if name not in ("micro", "none")})
+    out["how"] = f"thread CPU time, {rounds} rounds of {steps} steps per variant, interleaved, median"
     return out
 
 
@@ -616,9 +674,9 @@ def main() -> None:
         return
     reexec_with_stable_malloc()
     if args.overhead_only:
-        result = json.loads(Path(args.out).read_text())
         cost = overhead(args.steps_per_block, args.rounds)
         print_cost(cost)
+        result = json.loads(Path(args.out).read_text())  # read now: other parts may have been updated meanwhile
         result["global"]["allreduce_overhead"] = cost["ratio_median"]
         result["allreduce_overhead_detail"] = cost
         result["overhead_command"] = "python " + " ".join(sys.argv)

@@ -856,10 +856,10 @@ class _MicroBatchCounts:
             counts, local = self.global_counts(), self.local_counts()
             E = counts.shape[1] - 1
             local_tokens = local[:, E:].clamp_min(1)
-            f = counts[:, :E] / (self.top_k * counts[:, E:].clamp_min(1))  # f_i, global
-            g = f * (self.coefficient * E / local_tokens)
+            # coefficient * N_E * f_i / T_local, f_i = c_i / (k T): c_i * (coefficient N_E / k) / (T T_local)
+            g = counts[:, :E] * (self.coefficient * E / self.top_k) / (counts[:, E:].clamp_min(1) * local_tokens)
             if self.micro_coefficient:
-                g = g + local[:, :E] / (self.top_k * local_tokens) * (self.micro_coefficient * E / local_tokens)
+                g = g + local[:, :E] * (self.micro_coefficient * E / self.top_k) / local_tokens.square()
             self._gradient = g.float()
         return self._gradient
 
