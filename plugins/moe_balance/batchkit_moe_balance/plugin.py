@@ -648,6 +648,7 @@ class MoELoadBalancing(Plugin):
         for pending in (self._pending, self._step_pending):
             if pending is not None:
                 pending.wait_all()
+                pending.release_rows()  # the logits of the step's last micro-batch, no longer needed
         self._pending = self._step_pending = None
         self._step_buffer = None
         self._records = []
@@ -877,7 +878,8 @@ class _MicroBatchCounts:
 
     def release_rows(self) -> None:
         """Drop the logits and per-row gradients once backward is over (the counts stay)."""
-        self.prob_sums()
+        if self.chunks and self.chunks[0].probs is not None:
+            self.prob_sums()
         for chunk in self.chunks:
             chunk.rows = chunk.probs = chunk.group = chunk.weight = None
         self._row_gradients.clear()
