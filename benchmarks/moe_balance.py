@@ -344,7 +344,8 @@ def overhead(steps_per_block: int, rounds: int) -> dict:
         "setup": "2 processes, DDP on gloo, 1 torch thread each, micro-batch "
                  f"{TRAIN['micro_batch']} x {MODEL['seq_len']} tokens per rank, no accumulation, AdamW",
         "note": "loss_stage_us is the host's timing of transform_loss; in global mode with 2 ranks the counts and "
-                "their all-reduce start in the router forward hooks and the wait is in backward, outside that hook",
+                "their all-reduce start in the last router's forward hook and the wait is in backward, outside that "
+                "hook (global_wait_in_backward_ms_per_step; none before issue 17, whose wait was in the loss stage)",
         "load_average_before": os.getloadavg()[0],
     }
 
