@@ -202,15 +202,31 @@ def test_accumulation_buffer_is_cumulative_and_resets_at_step_end() -> None:
     assert torch.equal(plugin.last_f_counts, plugin.last_local_counts.double())
 
 
-def test_state_round_trip_mid_step_resumes_exactly() -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_state_round_trip_mid_step_resumes_exactly(overlap: bool) -> None:
+    # a checkpoint between the two micro-batches of a logged step: the second micro-batch, its gradient
+    # and the step's logged figures are the same after a restore (overlap: the path of more than one rank)
+    def second_micro_batch(host: PluginHost, plugin: MoELoadBalancing) -> tuple:
+        model.zero_grad(set_to_none=True)
+        value = step(host, model, windows(seed=2))
+        step.total.backward()
+        counts = plugin.last_f_counts.clone()
+        host.ctx.global_step = 1
+        host.notify("batchkit_step_end", ctx=host.ctx)
+        return value, counts, model.blocks[0].moe.router.gate.weight.grad.clone(), host.pop_metrics()
+
     model = small_lm()
-    host, plugin = attached(model, mode="global")
+    host, plugin = attached(model, mode="global", log_every_n_steps=1)
+    plugin._overlap_in_one_process = overlap
     step(host, model, windows(seed=1), last=False)
     state = plugin.batchkit_state_dict()
-    expected = step(host, model, windows(seed=2))
-    resumed_host, resumed = attached(model, mode="global")
+    expected = second_micro_batch(host, plugin)
+    resumed_host, resumed = attached(model, mode="global", log_every_n_steps=1)
+    resumed._overlap_in_one_process = overlap
     resumed.batchkit_load_state_dict(state)
-    assert torch.equal(step(resumed_host, model, windows(seed=2)), expected)
+    got = second_micro_batch(resumed_host, resumed)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert got[3] == expected[3] and "moe_lbl/lbl_global_batch" in got[3]
     with pytest.raises(PluginError, match="mode: micro"):
         MoELoadBalancing(mode="micro").batchkit_load_state_dict(state)
 
