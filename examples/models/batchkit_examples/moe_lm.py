@@ -256,20 +256,25 @@ class MoELanguageModel(pl.LightningModule):
         self.log(f"val_loss/{DOMAINS[dataloader_idx]}", self.lm_loss(window), add_dataloader_idx=False, batch_size=len(window))
 
     def configure_optimizers(self) -> Any:
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        rest = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": rest, "weight_decay": 0.0}], lr=self.hparams.lr, betas=(0.9, 0.95))
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-        warmup = self.hparams.warmup_steps
+        return warmup_cosine_adamw(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
 
-        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
+def warmup_cosine_adamw(module: pl.LightningModule, lr: float, weight_decay: float, warmup: int) -> dict[str, Any]:
+    """AdamW (weight decay on matrices but embeddings), linear warm-up then cosine decay to 10%."""
+    named = list(module.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer is not None else 1000
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}}
 
 
 # -------------------------------------------------------------------------------------------------

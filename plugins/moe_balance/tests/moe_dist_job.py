@@ -44,6 +44,8 @@ class Recorder(Plugin):
         self.micro_batches.append({
             "global_step": ctx.global_step, "micro_step": ctx.micro_step, "last_micro": ctx.is_last_micro_batch,
             "indices": [int(i) for i in batch[1]], "loss": float(loss.detach()),
+            # the LBL term whose gradient was trained (exact: waits for the counts' all-reduce)
+            "trained_lbl": float(self.lbl.coefficient * self.lbl.last_layer_losses.mean()),
             "f_counts": self.lbl.last_f_counts.tolist(), "local_counts": self.lbl.last_local_counts.tolist(),
         })
 

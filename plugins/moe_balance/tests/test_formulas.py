@@ -11,6 +11,9 @@ from batchkit_moe_balance import load_balancing_loss
 from batchkit_moe_balance import load_imbalance
 from batchkit_moe_balance import routing_statistics
 from batchkit_moe_balance import sequence_load_balancing_loss
+from batchkit_moe_balance.formulas import grouped_routing_statistics
+from batchkit_moe_balance.formulas import routing_probabilities
+from batchkit_moe_balance.formulas import routing_probabilities_backward
 
 LN3 = math.log(3.0)
 
@@ -94,6 +97,45 @@ def test_sequence_level_by_hand() -> None:
     padded = torch.cat([logits, torch.zeros(1, 3, 2)])
     mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 0, 0]])
     assert sequence_load_balancing_loss(padded, 1, mask).item() == pytest.approx(1.8, rel=1e-6)
+
+
+def test_normalised_sigmoid_scores_by_hand() -> None:
+    # DeepSeek-V3 style: s = sigmoid(z), p = s / sum s. z = [0, ln 3, -ln 3] -> s = [1/2, 3/4, 1/4], S = 3/2
+    z = torch.tensor([[0.0, math.log(3.0), -math.log(3.0)]])
+    p = routing_probabilities(z, "sigmoid")
+    assert torch.allclose(p, torch.tensor([[1 / 3, 1 / 2, 1 / 6]]))
+    c, s, t = routing_statistics(z, 1, score="sigmoid")
+    assert c.tolist() == [0.0, 1.0, 0.0]  # top-1 of the scores
+    # LBL = 3 * (f = [0, 1, 0]) . (P = [1/3, 1/2, 1/6]) = 1.5
+    assert load_balancing_loss(c, t, s, t, 1).item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_written_out_backward_of_p_equals_autograd(score: str) -> None:
+    # d/dz sum_x sum_i g_i p(x, i): what global mode computes in backward once f is known
+    gen = torch.Generator().manual_seed(2)
+    z = (torch.randn(7, 5, generator=gen) * 2).requires_grad_()
+    g = torch.rand(5, generator=gen)
+    (routing_probabilities(z, score) * g).sum().backward()
+    assert torch.allclose(routing_probabilities_backward(z.detach(), g, score), z.grad, atol=1e-6)
+
+
+def test_grouped_statistics_equal_one_group_at_a_time() -> None:
+    gen = torch.Generator().manual_seed(3)
+    sizes = [6, 4, 6, 5]  # e.g. layer 0, layer 1, layer 0 again (a second call), layer 2
+    layer = [0, 1, 0, 2]
+    parts = [torch.randn(n, 8, generator=gen) for n in sizes]
+    masks = [(torch.rand(n, generator=gen) > 0.3).float() for n in sizes]
+    group = torch.repeat_interleave(torch.tensor(layer), torch.tensor(sizes))
+    rows = torch.cat(parts).requires_grad_()
+    for score in ("softmax", "sigmoid"):
+        c, s, t = grouped_routing_statistics(rows, group, 3, 2, torch.cat(masks), score)
+        for g in range(3):
+            alone = [routing_statistics(p, 2, m, score) for p, m, lay in zip(parts, masks, layer) if lay == g]
+            assert torch.equal(c[g], sum(a[0] for a in alone))
+            assert torch.allclose(s[g], sum(a[1] for a in alone)) and t[g] == sum(a[2] for a in alone)
+    s.sum().backward()  # the probability sums keep their gradient
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from batchkit import BatchKitCallback
 from batchkit import PluginHost
 from batchkit.config import build_plugins
-from batchkit.errors import ConfigError
+from batchkit import BatchKitError
+from batchkit import PluginError
 from batchkit_moe_balance import MoELoadBalancing
 from batchkit_moe_balance import load_balancing_loss
 from batchkit_moe_balance import routing_statistics
@@ -163,7 +165,7 @@ def test_non_reentrant_checkpointing_counts_once_and_gives_the_same_loss_and_gra
 def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
     model = small_lm(activation_checkpointing="reentrant")
     host, _ = attached(model)
-    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+    with pytest.raises(PluginError, match="use_reentrant=False"):
         step(host, model, windows())
 
 
@@ -200,16 +202,32 @@ def test_accumulation_buffer_is_cumulative_and_resets_at_step_end() -> None:
     assert torch.equal(plugin.last_f_counts, plugin.last_local_counts.double())
 
 
-def test_state_round_trip_mid_step_resumes_exactly() -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_state_round_trip_mid_step_resumes_exactly(overlap: bool) -> None:
+    # a checkpoint between the two micro-batches of a logged step: the second micro-batch, its gradient
+    # and the step's logged figures are the same after a restore (overlap: the path of more than one rank)
+    def second_micro_batch(host: PluginHost, plugin: MoELoadBalancing) -> tuple:
+        model.zero_grad(set_to_none=True)
+        value = step(host, model, windows(seed=2))
+        step.total.backward()
+        counts = plugin.last_f_counts.clone()
+        host.ctx.global_step = 1
+        host.notify("batchkit_step_end", ctx=host.ctx)
+        return value, counts, model.blocks[0].moe.router.gate.weight.grad.clone(), host.pop_metrics()
+
     model = small_lm()
-    host, plugin = attached(model, mode="global")
+    host, plugin = attached(model, mode="global", log_every_n_steps=1)
+    plugin._overlap_in_one_process = overlap
     step(host, model, windows(seed=1), last=False)
     state = plugin.batchkit_state_dict()
-    expected = step(host, model, windows(seed=2))
-    resumed_host, resumed = attached(model, mode="global")
+    expected = second_micro_batch(host, plugin)
+    resumed_host, resumed = attached(model, mode="global", log_every_n_steps=1)
+    resumed._overlap_in_one_process = overlap
     resumed.batchkit_load_state_dict(state)
-    assert torch.equal(step(resumed_host, model, windows(seed=2)), expected)
-    with pytest.raises(ValueError, match="mode: micro"):
+    got = second_micro_batch(resumed_host, resumed)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    assert got[3] == expected[3] and "moe_lbl/lbl_global_batch" in got[3]
+    with pytest.raises(PluginError, match="mode: micro"):
         MoELoadBalancing(mode="micro").batchkit_load_state_dict(state)
 
 
@@ -225,13 +243,17 @@ def test_state_round_trip_mid_step_resumes_exactly() -> None:
     ({"tokens_per_sequence": 8}, "tokens_per_sequence"),
 ])
 def test_bad_options_name_the_plugin_and_the_option(options, message) -> None:
-    with pytest.raises((ValueError, ConfigError), match=message) as info:
+    with pytest.raises(PluginError, match=message) as info:
+        MoELoadBalancing(**options)
+    assert str(info.value).startswith("moe_lbl: ")
+    # from YAML: the host's own type check (a ConfigError) or ours, both one BatchKitError
+    with pytest.raises(BatchKitError, match=message) as info:
         build_plugins({"lb": {"plugin": "moe_lbl", **options}})
-    assert "moe_lbl" in str(info.value) or "lb" in str(info.value)
+    assert "moe_lbl" in str(info.value)
 
 
 def test_a_model_without_routers_or_top_k_is_refused_at_attach() -> None:
-    with pytest.raises(ValueError, match="found no router module.*router_type"):
+    with pytest.raises(PluginError, match="found no router module.*router_type"):
         MoELoadBalancing(router_type="Gate").attach(small_lm())
 
     class NoTopK(nn.Module):
@@ -240,7 +262,7 @@ def test_a_model_without_routers_or_top_k_is_refused_at_attach() -> None:
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match="top_k is not set"):
+    with pytest.raises(PluginError, match="top_k is not set"):
         MoELoadBalancing().attach(nn.Sequential(NoTopK()))
 
 
@@ -258,7 +280,7 @@ def test_sequence_mode_and_token_mask() -> None:
     expected = torch.stack([sequence_load_balancing_loss(z.reshape(2, 12, 4), 2, mask) for z in logits]).mean() * 0.01
     assert torch.allclose(aux, expected)
     assert plugin.last_local_counts[0, -1] == 18  # padding left out
-    with pytest.raises(KeyError, match="token_mask_key"):
+    with pytest.raises(PluginError, match="token_mask_key"):
         host.chain("batchkit_transform_batch", tokens, module=model, ctx=host.ctx)
         model(tokens[:, :-1])
         host.chain("batchkit_transform_loss", base, outputs=None, batch=tokens, module=model, ctx=host.ctx)
@@ -333,3 +355,137 @@ def test_tiny_moe_module_under_the_callback_single_process() -> None:
     trainer.fit(module, torch.utils.data.DataLoader(TokenDataset(), batch_size=4))
     assert float(trainer.callback_metrics["batchkit/moe_lbl/lbl"]) == pytest.approx(
         float(trainer.callback_metrics["batchkit/moe_lbl/lbl_global_batch"]), rel=1e-6)
+
+
+# -- global mode overlapped with the forward (what runs with more than one rank), in one process ------
+
+
+def run_global(overlap: bool, case: str) -> dict:
+    """Two micro-batches of one optimizer step in global mode; the LBL alone is trained."""
+    model = small_lm(activation_checkpointing="non_reentrant" if case == "checkpointing" else None)
+    options = {"coefficient": 0.5}
+    if case == "mask_and_micro_term":
+        options.update(token_mask_key="mask", micro_coefficient=0.1, layer_reduction="sum")
+    if case == "sigmoid":
+        options.update(score_function="sigmoid")
+    host, plugin = attached(model, mode="global", **options)
+    plugin._overlap_in_one_process = overlap
+    out: dict = {"values": [], "f_counts": [], "layer_losses": [], "prob_sums": []}
+    for i, seed in enumerate((1, 2)):
+        window = windows(3, seed=seed)
+        mask = (torch.rand(3, 12, generator=torch.Generator().manual_seed(seed)) > 0.25).float()
+        batch = {"window": window, "mask": mask}
+        host.ctx.is_last_micro_batch = i == 1
+        host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+        if case == "two_forwards":  # each router runs twice in the step
+            base = 0 * (model.lm_loss(window[:2]) + model.lm_loss(window[2:]))
+        else:
+            base = 0 * model.lm_loss(window)
+        total = host.chain("batchkit_transform_loss", base, outputs=base, batch=batch, module=model, ctx=host.ctx)
+        total.backward()
+        out["values"].append(total.detach())
+        out["f_counts"].append(plugin.last_f_counts.clone())
+        out["layer_losses"].append(plugin.last_layer_losses.clone())
+        out["prob_sums"].append(plugin.last_prob_sums.clone())
+    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["step_counts"] = plugin.step_counts.clone()
+    return out
+
+
+@pytest.mark.parametrize("case", ["plain", "mask_and_micro_term", "two_forwards", "checkpointing", "sigmoid"])
+def test_overlapped_global_mode_equals_the_loss_stage_computation(case: str) -> None:
+    at_loss_stage, overlapped = run_global(False, case), run_global(True, case)
+    assert overlapped["grads"].keys() == at_loss_stage["grads"].keys()
+    assert any("router" in n for n in overlapped["grads"])
+    for name, grad in at_loss_stage["grads"].items():
+        assert grad.abs().max() > 0 if "router" in name else True
+        assert torch.allclose(overlapped["grads"][name], grad, atol=1e-7, rtol=1e-5), name
+    for key in ("f_counts", "layer_losses", "prob_sums"):
+        for a, b in zip(overlapped[key], at_loss_stage[key]):
+            assert torch.allclose(a.double(), b.double(), atol=1e-6), key
+    assert torch.equal(overlapped["step_counts"], at_loss_stage["step_counts"])
+    # in one process the counts known at the loss stage are the global ones: the value is exact too
+    for a, b in zip(overlapped["values"], at_loss_stage["values"]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(overlapped["f_counts"][1], overlapped["f_counts"][0].double())  # micro-step 2 adds up
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls that copy tensor values to the host (a device-to-host copy and a sync on a GPU)."""
+
+    READS = frozenset({"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_copies_happen_only_on_the_steps_the_trainer_logs(overlap: bool) -> None:
+    # TinyMoE's forward reads no tensor value on the host, so every read counted is the plugin's
+    torch.manual_seed(0)
+    model = TinyMoE()
+    plugin = MoELoadBalancing(coefficient=1.0, mode="global", router_type="TinyRouter", log_every_n_steps=3)
+    plugin._overlap_in_one_process = overlap
+    host = PluginHost([plugin])
+    plugin.attach(model)
+    data = TokenDataset().x
+    reads_per_step, logged = [], []
+    for step_index in range(6):
+        reads = HostReads()
+        with reads:
+            for micro in range(2):
+                x = data[4 * step_index + 2 * micro: 4 * step_index + 2 * micro + 2]
+                host.ctx.is_last_micro_batch = micro == 1
+                host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+                base = 0 * model(x).sum()
+                host.chain("batchkit_transform_loss", base, outputs=base, batch=x, module=model, ctx=host.ctx).backward()
+            host.ctx.global_step += 1
+            host.notify("batchkit_step_end", ctx=host.ctx)
+        reads_per_step.append(reads.count)
+        logged.append(sorted(host.pop_metrics()))
+    assert reads_per_step == [0, 0, 1, 0, 0, 1]  # one copy for all the figures, on steps 3 and 6 only
+    assert [bool(m) for m in logged] == [False, False, True, False, False, True]
+    assert "moe_lbl/layer1/load/expert3" in logged[2]
+
+
+def profiled_ops(fn) -> list[str]:
+    """Names of the leaf aten operators ``fn`` ran (what launches kernels on a GPU; views excluded)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    parents = {id(e.cpu_parent) for e in events if e.cpu_parent is not None}
+    no_kernel = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::expand",
+                 "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::detach", "aten::alias",
+                 "aten::empty", "aten::empty_strided", "aten::t", "aten::transpose", "aten::permute",
+                 "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::to", "aten::result_type",
+                 "aten::contiguous", "aten::_unsafe_view", "detach"}
+    return [e.name for e in events if e.name.startswith("aten::") and id(e) not in parents and e.name not in no_kernel]
+
+
+@pytest.mark.parametrize("mode", ["micro", "global", "sequence"])
+def test_the_loss_stage_runs_the_same_few_operators_whatever_the_number_of_layers(mode: str) -> None:
+    counts = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        model = TinyMoE(layers=layers)
+        plugin = MoELoadBalancing(coefficient=1.0, mode=mode, router_type="TinyRouter", log_every_n_steps=0)
+        host = PluginHost([plugin])
+        plugin.attach(model)
+        x = TokenDataset().x[:4]
+        for _ in range(2):  # the second call runs on the cached row -> layer index
+            host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+            base = 0 * model(x).sum()
+            ops = profiled_ops(lambda h=host, b=base, x=x, m=model: h.chain(
+                "batchkit_transform_loss", b, outputs=b, batch=x, module=m, ctx=h.ctx))
+        counts[layers] = len(ops)
+    assert counts[2] == counts[6], counts
+    assert counts[2] <= 40, counts
