@@ -6,9 +6,11 @@ Methods, all with the same number of optimizer steps and the same model, schedul
 * ``random_B``: plain training at the large batch size B = ``--factor`` × b;
 * ``colm``: the ``colm`` plugin, loading B and training on the coreset of b (``small_sources`` = the
   mixture's five small sources, every other option at its default);
-* ablations (``--ablations``): ``colm`` with the fixed direction of the reference code
-  (``colm_fixed_z``), with the exact per-example gradients (``colm_exact``), and with all
-  coordinates instead of the top 2560 (``colm_all_dims``).
+* ablations (``--ablations``, at colm's tuned learning rate): ``colm`` with the fixed direction of
+  the reference code (``colm_fixed_z``), with the exact per-example gradients (``colm_exact``), with
+  all coordinates instead of the top 2560 (``colm_all_dims``), and CoLM's rule without its
+  gradient matching (``small_kept_random``: the small sources kept whole, each large source's
+  proportional budget drawn at random).
 
 Model and data: ``batchkit_examples.text_mixture`` (the dense byte-level LM, 10 sources: asyncio,
 prose, email, http, logging large; json, wsgiref, zoneinfo, dbm, sqlite3 small; 53:1). One torch
@@ -113,12 +115,56 @@ class SourceCounter:
         return _Counter()
 
 
+def small_kept_random_indices(sources: Any, keep: int, generator: Any) -> Any:
+    """Every small-source example, then per large source its proportional budget at random (sorted)."""
+    import torch
+
+    from batchkit_coresets import proportional_budget
+    from batchkit_coresets import small_source_mask
+
+    sources = sources.cpu()
+    small = small_source_mask(sources, small_source_ids())
+    chosen = [small.nonzero().flatten()[:keep]]
+    rest = (~small).nonzero().flatten()
+    ids, counts = sources[rest].unique(return_counts=True)
+    for source, k_s in zip(ids.tolist(), proportional_budget(counts.tolist(), keep - len(chosen[0]))):
+        members = rest[sources[rest] == source]
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k_s]])
+    return torch.cat(chosen).sort().values
+
+
+def small_kept_random(factor: int, seed: int) -> Any:
+    """The ablation ``small_kept_random``: CoLM's selection with the facility location replaced by a
+    random draw: every small-source example of the large batch, then, per large source, its
+    proportional budget drawn at random. A batchkit plugin (built lazily, as SourceCounter)."""
+    import torch
+
+    from batchkit import Plugin
+    from batchkit import hookimpl
+
+    class _SmallKeptRandom(Plugin):
+        name = "small_kept_random"
+        load_factor = float(factor)
+
+        def __init__(self) -> None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+        @hookimpl
+        def batchkit_transform_batch(self, batch: Any, ctx: Any) -> Any:
+            chosen = small_kept_random_indices(batch["source"], ctx.super_batch.keep_size(self), self.generator)
+            return ctx.batch_spec.select(batch, chosen)
+
+    return _SmallKeptRandom()
+
+
 def method_spec(method: str, b: int, factor: int) -> tuple[int, dict[str, Any] | None]:
     """(loader batch size, colm options or None) of a method."""
     if method == "random_b":
         return b, None
     if method == "random_B":
         return factor * b, None
+    if method == "small_kept_random":
+        return b, {}
     return b, {"large_batch_factor": factor, "small_sources": small_source_ids(), **COLM_VARIANTS[method]}
 
 
@@ -137,7 +183,11 @@ def fit(method: str, seed: int, lr: float, steps: int, train: Any, val: Any, b: 
     model = tm.DenseLanguageModel(**{**MODEL, "lr": lr})
     batch_size, options = method_spec(method, b, factor)
     counter = SourceCounter(len(tm.DEFAULT_SOURCES))
-    plugins = [counter] + ([CoLM(seed=seed, **options)] if options is not None else [])
+    plugins = [counter]
+    if method == "small_kept_random":
+        plugins.append(small_kept_random(factor, seed))
+    elif options is not None:
+        plugins.append(CoLM(seed=seed, **options))
     curves = Curves()
     # max_epochs=-1: the model's configure_optimizers reads trainer.estimated_stepping_batches, which
     # with max_epochs set builds the train loader before batchkit wraps it (see the plugin's README)
@@ -168,7 +218,11 @@ def tune(methods: list[str], lrs: list[float], steps: int, train: Any, b: int, f
         for lr in lrs:
             grid[method][repr(lr)] = fit(method, seed, lr, steps, fit_on, held, b, factor, points=1)["final"]["val_loss/mean"]
     best = {method: float(min(scores, key=scores.get)) for method, scores in grid.items()}
-    return {"grid": grid, "best_lr": best, "seed": seed, "criterion": "mean over sources of the tuning-split loss"}
+    edge = {method: lr in (min(lrs), max(lrs)) for method, lr in best.items()}
+    if any(edge.values()):
+        print(f"WARNING: best learning rate at the edge of the grid for {[m for m, e in edge.items() if e]}", flush=True)
+    return {"grid": grid, "best_lr": best, "best_at_grid_edge": edge, "seed": seed,
+            "criterion": "mean over sources of the tuning-split loss"}
 
 
 def cost(train: Any, b: int, factor: int, rounds: int) -> dict[str, Any]:
@@ -246,15 +300,14 @@ def gradient_match(train: Any, b: int, factor: int, warm_steps: int = 150, probe
     """Why CoLM does (not) reach random@B: how well each b-subset's mean gradient (of the whole
     model) matches the large batch's, ||g_S − g_B|| / ||g_B||, on large batches of a model trained
     by colm for ``warm_steps`` steps (so its moments are live). Subsets: colm's coreset (zeroth-order
-    and exact estimates); a random b; the small-source examples plus a random rest (what colm keeps,
-    without facility location)."""
+    and exact estimates); a random b; ``small_kept_random`` (colm's rule with the facility location
+    replaced by a random draw)."""
     import lightning.pytorch as pl
     import torch
 
     from batchkit.host import PluginHost
     from batchkit.host import SuperBatchPlan
     from batchkit_coresets import CoLM
-    from batchkit_coresets import small_source_mask
     from batchkit_examples import text_mixture as tm
 
     pl.seed_everything(1)
@@ -291,13 +344,11 @@ def gradient_match(train: Any, b: int, factor: int, warm_steps: int = 150, probe
         for name in hosts:
             chosen = select(large, name)["index"]
             errors[name].append(float((gradient(large, chosen) - g_large).norm()) / norm)
-        is_small = small_source_mask(large[tm.SOURCE_KEY], small)
-        kept, rest = is_small.nonzero().flatten()[:b], (~is_small).nonzero().flatten()
         for _ in range(draws):
             subset = torch.randperm(B, generator=gen)[:b]
             errors["random_b"].append(float((gradient(large, subset) - g_large).norm()) / norm)
-            fill = rest[torch.randperm(len(rest), generator=gen)[: b - len(kept)]]
-            errors["small_kept_random"].append(float((gradient(large, torch.cat([kept, fill])) - g_large).norm()) / norm)
+            subset = small_kept_random_indices(large[tm.SOURCE_KEY], b, gen)
+            errors["small_kept_random"].append(float((gradient(large, subset) - g_large).norm()) / norm)
     return {"warm_steps": warm_steps, "probes": probes, "random_draws_per_probe": draws,
             "relative_error_mean": {k: statistics.mean(v) for k, v in errors.items()},
             "relative_error_median": {k: statistics.median(v) for k, v in errors.items()}}
@@ -331,7 +382,7 @@ def report(result: dict[str, Any]) -> str:
         per_source = [statistics.mean(f[f"val_loss/{src}"] for f in finals) for src in tm.DEFAULT_SOURCES]
         trained = [run["trained_per_source"] for run in per_seed.values()]
         small = statistics.mean(sum(t[src] for src in tm.SMALL_SOURCES) / sum(t.values()) for t in trained)
-        lines.append(f"| {method} | {result['lr'][method]:.0e} | {s[f'{method}_val_loss_mean']:.4f} ± "
+        lines.append(f"| {method} | {result['lr'][method]:.3g} | {s[f'{method}_val_loss_mean']:.4f} ± "
                      f"{s[f'{method}_val_loss_mean_std']:.4f} | {s[f'{method}_val_loss_worst']:.4f} ± "
                      f"{s[f'{method}_val_loss_worst_std']:.4f} | " + " | ".join(f"{v:.3f}" for v in per_source)
                      + f" | {small:.1%} |")
@@ -358,7 +409,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     keys = [f"val_loss/{src}" for src in tm.DEFAULT_SOURCES] + ["val_loss/mean", "val_loss/worst"]
     fig, axes = plt.subplots(3, 4, figsize=(16, 10), sharex=True)
     colours = {"random_b": "tab:blue", "random_B": "tab:green", "colm": "tab:red", "colm_fixed_z": "tab:orange",
-               "colm_exact": "tab:purple", "colm_all_dims": "tab:brown"}
+               "colm_exact": "tab:purple", "colm_all_dims": "tab:brown", "small_kept_random": "tab:gray"}
     for ax, key in zip(axes.flat, keys):
         for method, per_seed in method_runs(result).items():
             curves = [run["curve"] for run in per_seed.values()]
@@ -367,7 +418,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             label = {"random_b": f"random@b={result['b']}", "random_B": f"random@B={result['B']}",
                      "colm": f"CoLM@{result['b']}-from-{result['B']}"}.get(method, method)
             ax.plot(steps, mean, label=label, color=colours.get(method), lw=1.5,
-                    ls="-" if method in ("random_b", "random_B", "colm") else ":")
+                    ls="-" if method in ("random_b", "random_B", "colm") else "--" if method == "small_kept_random" else ":")
         name = key.split("/", 1)[1]
         small = " (small)" if name in tm.SMALL_SOURCES else ""
         ax.set_title(f"{name}{small}" if name not in ("mean", "worst") else f"{name} over sources")
@@ -393,7 +444,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=2, help="B / b")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2, 2.4e-2], help="the tuning grid")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2], help="the tuning grid")
     parser.add_argument("--tune-seed", type=int, default=100)
     parser.add_argument("--lr", type=float, default=None, help="skip tuning: this lr for every method")
     parser.add_argument("--methods", nargs="+", default=["random_b", "random_B", "colm"])
@@ -439,7 +490,7 @@ def main() -> None:
             tuning, lrs = None, {method: args.lr for method in args.methods}
         methods = list(args.methods)
         if args.ablations:
-            extra = [m for m in COLM_VARIANTS if m not in methods]
+            extra = [m for m in [*COLM_VARIANTS, "small_kept_random"] if m not in methods]
             methods += extra
             lrs.update({m: lrs.get("colm", args.lr or 3e-3) for m in extra})
         print(f"learning rates: {lrs}", flush=True)
