@@ -108,7 +108,7 @@ class CoLM(Plugin):
     :param dims: coordinates kept per source (top-k of |mean of the normalised estimates|); None: all.
     :param small_sources: source ids kept whole (the reference's ``keep_sources``).
     :param small_threshold: also keep whole every source with at most this many examples in the
-        (global) large batch.
+        large batch (the global one, or this rank's with ``scope="rank"``).
     :param source_field: where each example's source id is: a field path of the batch (dict keys
         and positions joined by dots, as in :mod:`batchkit.batch`), or, from Python, a callable
         ``batch -> [n]`` integer ids.
@@ -332,13 +332,17 @@ class CoLM(Plugin):
 
     @hookimpl
     def batchkit_load_state_dict(self, state: dict[str, Any]) -> None:
-        self.directions.load_state_dict(state["directions"])
         if (state["normalizer"] is None) != (self.normalizer is None):
             raise PluginError(f"colm: the checkpoint was saved with normalize={state['normalizer'] is not None}; "
                               f"set the same to resume")
-        if self.normalizer is not None:
-            self.normalizer.load_state_dict(state["normalizer"])
         if self._param_name is not None and state["param"] not in (None, self._param_name):
             raise PluginError(f"colm: the checkpoint's moments belong to parameter {state['param']!r}, but option "
                               f"`param` now resolves to {self._param_name!r}; set param: {state['param']}")
+        self.directions.load_state_dict(state["directions"])
+        if self.normalizer is not None:
+            try:
+                self.normalizer.load_state_dict(state["normalizer"])
+            except ValueError as err:  # other Adam hyper-parameters
+                raise PluginError(str(err).replace("configure the same values", "set adam_betas and adam_eps to "
+                                                   "those values")) from None
         self._param_name = self._param_name or state["param"]

@@ -168,6 +168,23 @@ def test_the_selection_leaves_the_model_as_it_found_it() -> None:
     assert all(p.grad is None for p in module.parameters())
 
 
+def test_without_normalisation_and_state_mismatches_refused() -> None:
+    module = SourceModule()
+    batch = next(iter(source_loader(batch_size=8)))
+    raw = CoLM(normalize=False, small_sources=[SMALL_SOURCE], dims=None)
+    host = PluginHost([raw])
+    host.ctx.super_batch = SuperBatchPlan.build(4, [("colm", 2.0)])
+    assert len(host.chain("batchkit_transform_batch", batch, module=module, ctx=host.ctx)["index"]) == 4
+    state = raw.batchkit_state_dict()
+    assert state["normalizer"] is None and state["param"] == "net.0.weight"
+    with pytest.raises(PluginError, match="saved with normalize=False; set the same to resume"):
+        CoLM().batchkit_load_state_dict(state)
+    other = CoLM(param="net.3.weight")
+    other._resolve(module)
+    with pytest.raises(PluginError, match="moments belong to parameter 'net.0.weight'.*set param: net.0.weight"):
+        other.batchkit_load_state_dict(CoLM().batchkit_state_dict() | {"param": "net.0.weight"})
+
+
 def test_exact_estimator_in_a_run(tmp_path: Path) -> None:
     plugin = RecordingCoLM(estimator="exact", small_sources=[SMALL_SOURCE], dims=None)
     module = SourceModule()
