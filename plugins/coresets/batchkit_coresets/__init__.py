@@ -1,9 +1,8 @@
 """CoLM mini-batch coresets for data mixtures (Nguyen et al., "Mini-batch Coresets for Memory-efficient
 Language Model Training on Data Mixtures", ICLR 2025).
 
-Phase 1: the algorithm, as pure functions and small stateful objects, each readable against the
-paper. The ``colm`` batch-stage plugin that runs it on the host's super-batches comes with the host
-API it needs (issue 11).
+The algorithm as pure functions and small stateful objects, each readable against the paper, and
+the ``colm`` batch-stage plugin (:class:`CoLM`) that runs it on the host's super-batches.
 """
 
 from .adam import AdamNormalizer
@@ -18,14 +17,14 @@ from .facility_location import l1_similarity
 from .gradients import DEFAULT_EPS
 from .gradients import RandomDirection
 from .gradients import directional_derivatives
-from .gradients import eval_mode
 from .gradients import exact
 from .gradients import zeroth_order
 from .parameter import linear_weight_names
 from .parameter import resolve_parameter
+from .plugin import CoLM
 
 __all__ = [
-    "AdamNormalizer", "DEFAULT_DIMS", "DEFAULT_EPS", "RandomDirection", "directional_derivatives", "eval_mode",
+    "AdamNormalizer", "CoLM", "DEFAULT_DIMS", "DEFAULT_EPS", "RandomDirection", "directional_derivatives",
     "exact", "facility_location_value", "greedy_facility_location", "l1_similarity", "linear_weight_names",
     "proportional_budget", "resolve_parameter", "select_coreset", "small_source_mask", "top_dims", "zeroth_order",
 ]

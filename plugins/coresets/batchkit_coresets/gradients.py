@@ -2,9 +2,11 @@
 
 The model is given as a function ``loss_fn(module, batch) -> [n]`` of per-example losses L_i, so
 any batch layout and any loss works (a LightningModule's ``per_sample_loss`` is
-``lambda m, b: m.per_sample_loss(b)``). Both estimators run with every submodule in eval mode
-(dropout off, BatchNorm on its running statistics) and give each submodule back its own training
-flag afterwards; neither changes the module's parameters or buffers.
+``lambda m, b: m.per_sample_loss(b)``). Both estimators run inside the host's
+:func:`batchkit.batch.scoring_pass`: every submodule in eval mode (dropout off, BatchNorm on its
+running statistics), each one's own training flag, the parameters' ``.grad`` and the random streams
+restored afterwards, and (zeroth order) θ copied back bit for bit; neither changes the module's
+parameters or buffers.
 
 **zeroth_order** (CoLM, after MeZO): two forward passes, no backward::
 
@@ -22,10 +24,8 @@ activations fit in memory.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 from typing import Callable
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -33,23 +33,13 @@ from torch.func import functional_call
 from torch.func import grad
 from torch.func import vmap
 
+from batchkit.batch import scoring_pass
+
 #: ``(module, batch) -> per-example losses [n]``
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 #: the paper's perturbation size (MeZO's ``eps``)
 DEFAULT_EPS = 1e-3
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode; each one's own training flag restored on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class RandomDirection:
@@ -91,30 +81,26 @@ class RandomDirection:
         self._generator.set_state(state["generator"])
 
 
-@torch.no_grad()
 def directional_derivatives(loss_fn: LossFn, module: nn.Module, batch: Any, param_name: str, z: torch.Tensor,
                             eps: float = DEFAULT_EPS) -> torch.Tensor:
     """c_i = (L_i(θ + εz) − L_i(θ − εz)) / (2ε) for every example i of ``batch``: ``[n]`` float32.
 
     θ is the parameter ``param_name`` of ``module``; z has θ's shape (any dtype and device: it is
-    cast to θ's). θ is saved and copied back afterwards, bit for bit, also if ``loss_fn`` raises.
-    In low precision (bf16, fp16) the perturbation actually applied is the rounded
+    cast to θ's). The scoring pass copies θ back afterwards, bit for bit, also if ``loss_fn``
+    raises. In low precision (bf16, fp16) the perturbation actually applied is the rounded
     θ ± εz, so c_i is noisier (as in the reference code, which runs fp16).
     """
     theta = module.get_parameter(param_name)
     if z.shape != theta.shape:
         raise ValueError(f"colm: direction z has shape {tuple(z.shape)}, parameter {param_name!r} has "
                          f"{tuple(theta.shape)}")
-    z = z.to(device=theta.device, dtype=theta.dtype)
-    saved = theta.detach().clone()
-    with eval_mode(module):
-        try:
-            theta.copy_(saved + eps * z)                  # θ + εz
-            loss_plus = _at_least_float32(loss_fn(module, batch))    # L_i(θ + εz)
-            theta.copy_(saved - eps * z)                             # θ − εz
-            loss_minus = _at_least_float32(loss_fn(module, batch))   # L_i(θ − εz)
-        finally:
-            theta.copy_(saved)                            # θ exactly as it was
+    step = eps * z.to(device=theta.device, dtype=theta.dtype)   # εz
+    with scoring_pass(module, restore=[theta]):                   # eval, no grad; θ restored on exit
+        base = theta.detach().clone()                             # θ (the pass keeps its own copy to restore)
+        theta.copy_(base + step)                                  # θ + εz
+        loss_plus = _at_least_float32(loss_fn(module, batch))     # L_i(θ + εz)
+        theta.copy_(base - step)                                  # θ − εz
+        loss_minus = _at_least_float32(loss_fn(module, batch))    # L_i(θ − εz)
     if loss_plus.dim() != 1:
         raise ValueError(f"colm: the per-example loss must have shape [n], got {tuple(loss_plus.shape)}")
     return ((loss_plus - loss_minus) / (2 * eps)).float()
@@ -191,7 +177,10 @@ def exact(loss_fn: LossFn, module: nn.Module, batch: Any, param_name: str,
         return functional_call(wrapper, {key: theta_value}, (_as_batch_of_one(example),)).sum()
 
     per_example = vmap(grad(loss_of_one), in_dims=(None, _per_example_dims(batch)), chunk_size=chunk_size)
-    # no_grad outside: grad() still differentiates θ, but no graph is kept for the other parameters
-    with eval_mode(module), torch.no_grad():
+    # Autograd off outside: grad() is a function transform and differentiates θ under an outer
+    # no_grad all the same (torch.func's documented behaviour), while with autograd on the other
+    # parameters, which require grad, would keep a graph through the whole vmapped computation
+    # (measured on the benchmark LM at B = 32: 48.2 vs 44.6 MiB peak, identical gradients).
+    with scoring_pass(module):                # eval mode, no grad, random streams restored
         grads = per_example(theta.detach(), batch)
     return grads.reshape(grads.shape[0], -1).float()
