@@ -99,6 +99,8 @@ class TinyShapeModule(TinyModule):
 
     def on_train_start(self) -> None:
         optimizer = self.trainer.optimizers[0]
+        while not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's ZeRO optimizer wraps the SGD
+            optimizer = optimizer.optimizer
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.lr_in_step.append(opt.param_groups[0]["lr"]))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
