@@ -56,6 +56,7 @@ from batchkit_multigrid.resize import collate_at_size
 from batchkit_multigrid.resize import input_size
 from batchkit_multigrid.schedule import EPOCH_FACTOR
 from batchkit_multigrid.schedule import GAMMA
+from batchkit_multigrid.schedule import LONG_CYCLE_FACTORS
 from batchkit_multigrid.schedule import SHORT_CYCLE_FACTORS
 from batchkit_multigrid.schedule import MultigridSchedule
 
@@ -221,10 +222,21 @@ class MultigridPlugin(Plugin):
     # -- the schedule -------------------------------------------------------------------------
 
     def _nominal_size(self) -> tuple[int, ...]:
-        """A size for checking the options before the dataset is known: a clip whose T every
-        temporal factor 1/k (k <= 16) divides, or an image when no factor is temporal."""
+        """A size for checking the options before the dataset is known: an image when no factor is
+        temporal, else a clip whose T every temporal factor 1/k divides (a factor that is not 1/k
+        can never shorten a clip by striding, whatever its T)."""
         factors = self.options["long_cycle_factors"]
-        return (720720, 224, 224) if factors is None or any(t != 1 for t, _ in factors) else (224, 224)
+        if factors is not None and all(t == 1 for t, _ in factors):
+            return (224, 224)
+        strides = []
+        for index, (t, _) in enumerate(factors or LONG_CYCLE_FACTORS):
+            k = round(1 / t) if t > 0 else 0
+            if k < 1 or abs(1 / t - k) > 1e-6 * k:
+                raise ValueError(
+                    f"multigrid: the temporal factor {t:g} of long_cycle_factors[{index}] is not 1/k for a whole k: "
+                    "clips are shortened by keeping every k-th frame; use 1, 1/2, 1/4, ... (dividing the clips' T)")
+            strides.append(k)
+        return (math.lcm(*strides), 224, 224)
 
     def _make_schedule(self, base_size: Sequence[int], batch_size: int = 1) -> MultigridSchedule:
         options = dict(self.options)

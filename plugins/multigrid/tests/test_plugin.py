@@ -254,6 +254,7 @@ def test_a_dataset_without_a_clip_or_image_shape(tmp_path: Path):
     ({"baseline_lr_milestones": [2]}, ["lr_milestones must increase strictly inside (0, max_epochs = 2)"]),
     ({"long_cycle_factors": [[0.5, 1]]}, ["must end with [1, 1]"]),
     ({"epoch_factor": 0}, ["epoch_factor must be a number > 0"]),
+    ({"long_cycle_factors": [[0.3, 1], [1, 1]]}, ["temporal factor 0.3 of long_cycle_factors[0] is not 1/k"]),
 ])
 def test_bad_options_are_refused_when_the_config_is_read(options, words):
     """A factor giving a batch of 0 and the like fail before any data is read, naming the option."""
