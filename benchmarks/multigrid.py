@@ -19,6 +19,8 @@ SGD momentum 0.9, lr 0.05, weight decay 5e-4), one torch thread per process.
   long-cycle batch factor, the same DataLoader (batch 32; the plugin regroups it).
 * ``multigrid_long``: the same with ``short_cycle: false`` (the long cycle alone, SlowFast's
   ``MULTIGRID.SHORT_CYCLE False``): 15 epochs, module milestones [11, 14].
+* ablations (only with ``--methods``): ``multigrid_short`` (the short cycle alone) and
+  ``multigrid_long_ef1`` (the long cycle alone with ``epoch_factor`` 1.0).
 
 Both use the same DataLoader (``--num-workers``, default 1: the loader in a worker process, as video
 training runs it) and validate after every epoch at the base shape. Per epoch we record the
@@ -64,6 +66,11 @@ MILESTONES = [7, 9]
 TRAIN_CLIPS, VAL_CLIPS = 3000, 1000
 #: the multigrid configurations compared with the baseline: plugin options
 VARIANTS: dict[str, dict[str, Any]] = {"multigrid": {}, "multigrid_long": {"short_cycle": False}}
+#: ablations, run only when named in --methods
+ABLATIONS: dict[str, dict[str, Any]] = {"multigrid_short": {"long_cycle": False},
+                                        "multigrid_long_ef1": {"short_cycle": False, "epoch_factor": 1.0}}
+VARIANTS.update(ABLATIONS)
+DEFAULT_METHODS = ["baseline", "multigrid", "multigrid_long"]
 
 
 def quiet() -> None:
@@ -79,7 +86,7 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(method: str, seed: int, num_workers: int) -> dict[str, Any]:
+def run(method: str, seed: int, num_workers: int, train_clips: int = TRAIN_CLIPS) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from batchkit.lightning import BatchKitCallback
@@ -115,7 +122,7 @@ def run(method: str, seed: int, num_workers: int) -> dict[str, Any]:
                 self.val_acc.append(float(trainer.callback_metrics["val/acc"]))
 
     pl.seed_everything(seed, workers=True)
-    dm = MovingDigitsDataModule(batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed, train_clips=TRAIN_CLIPS,
+    dm = MovingDigitsDataModule(batch_size=BATCH_SIZE, num_workers=num_workers, seed=seed, train_clips=train_clips,
                                 val_clips=VAL_CLIPS)
     clock = Clock()
     callbacks: list = [clock]
@@ -225,7 +232,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colours = {"baseline": "tab:blue", "multigrid": "tab:orange", "multigrid_long": "tab:green"}
+    colours = {"baseline": "tab:blue", "multigrid": "tab:orange", "multigrid_long": "tab:green",
+               "multigrid_short": "tab:red", "multigrid_long_ef1": "tab:purple"}
     for ax, key, label in ((axes[0], "train_wall_s", "training wall-clock (s, validation excluded)"),
                            (axes[1], "train_cpu_s", "training-thread CPU time (s)")):
         for r in runs:
@@ -265,7 +273,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--train-clips", type=int, default=TRAIN_CLIPS, help="training clips (default %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=["baseline", *VARIANTS], choices=["baseline", *VARIANTS])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["baseline", *VARIANTS])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument("--report", action="store_true", help="only print the tables and redraw the plot from the JSON")
@@ -279,8 +287,6 @@ def main() -> None:
         plot(result["runs"], args.plot)
         return
     reexec_with_stable_malloc()
-    global TRAIN_CLIPS
-    TRAIN_CLIPS = args.train_clips
     import torch
 
     torch.set_num_threads(1)
@@ -290,7 +296,7 @@ def main() -> None:
     for i, seed in enumerate(args.seeds):  # interleaved; the order turns round every seed
         order = args.methods if i % 2 == 0 else list(reversed(args.methods))
         for method in order:
-            r = run(method, seed, args.num_workers)
+            r = run(method, seed, args.num_workers, args.train_clips)
             print(f"{method} seed {seed}: acc {[round(100 * a, 1) for a in r['val_acc']]} wall {[round(t) for t in r['train_wall_s']]} "
                   f"cpu {[round(t) for t in r['train_cpu_s']]} load {r['load_average']}", flush=True)
             runs.append(r)
@@ -299,8 +305,8 @@ def main() -> None:
     result = {"summary": analysis.get("summary", {}), "command": command, "machine": where,
               "load_average_after": os.getloadavg()[0], "num_workers": args.num_workers,
               "baseline": {"epochs": EPOCHS, "lr_milestones": MILESTONES, "batch_size": BATCH_SIZE, "lr": LR,
-                           "channels": CHANNELS, "train_clips": TRAIN_CLIPS, "val_clips": VAL_CLIPS},
-              "variant_options": VARIANTS, "per_seed": analysis["per_seed"], "variants": analysis["variants"],
+                           "channels": CHANNELS, "train_clips": args.train_clips, "val_clips": VAL_CLIPS},
+              "variant_options": {m: VARIANTS[m] for m in args.methods if m in VARIANTS}, "per_seed": analysis["per_seed"], "variants": analysis["variants"],
               "runs": runs}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1) + "\n")

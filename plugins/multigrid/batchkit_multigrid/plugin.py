@@ -330,6 +330,10 @@ class MultigridPlugin(Plugin):
         epoch = self.loader_epoch
         self._built = (epoch, self._shapes(epoch))
         sampler = MultigridBatchSampler(batch_sampler, self._built[1], self._num_samples)
+        # Tell the chain now which epoch it serves: with worker processes the DataLoader draws its
+        # first batches when Lightning creates the iterator, before it sets the sampler's epoch, and
+        # a resumed run keeps that iterator (it would train the epoch-0 order; see the README).
+        sampler.set_epoch(epoch)
         self._epoch_len = len(sampler)
         return sampler
 

@@ -1,7 +1,8 @@
 """Exact resume across a long-cycle stage change: a run that crashed in epoch 1 is resumed from a
 checkpoint written mid-epoch 0 (the resumed run must rebuild the loader at the change), after the
 last batch of epoch 0 (the resumed run starts in the new stage: its first loader must already have
-the new shapes) and at the end of epoch 0; each ends exactly like the uninterrupted run."""
+the new shapes) and at the end of epoch 0; each ends exactly like the uninterrupted run. And a
+mid-epoch resume in epoch 1 with a DataLoader worker."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from batchkit_multigrid.testing import image_loader
 STEPS_PER_EPOCH = 9
 
 
-def run(root: Path, callbacks: list = (), extra: list = (), ckpt_path: str | None = None, **kwargs):
+def run(root: Path, callbacks: list = (), extra: list = (), ckpt_path: str | None = None, num_workers: int = 0, **kwargs):
     pl.seed_everything(0)
     plugin = MultigridPlugin(2, [1])
     module = TinyShapeModule(milestones=[2], record=False)
     callback = BatchKitCallback([plugin, *extra])
     trainer = make_trainer(root, [callback, *callbacks], max_epochs=3, **kwargs)
-    trainer.fit(module, image_loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, image_loader(num_workers=num_workers), ckpt_path=ckpt_path)
     return module, trainer, plugin
 
 
@@ -58,3 +59,16 @@ def test_resume_across_a_long_cycle_stage_change(tmp_path: Path) -> None:
         assert plugin.batchkit_state_dict() == full_plugin.batchkit_state_dict(), what
         for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
             assert torch.equal(a, b), f"{what}: {name}"
+
+
+def test_resume_in_a_later_epoch_with_a_loader_worker(tmp_path: Path) -> None:
+    """With a worker process the DataLoader draws batches as soon as Lightning creates its iterator,
+    before Lightning sets the epoch, and a resumed run keeps that iterator: the plugin tells its
+    chain the epoch it serves when it builds the sampler, so the resumed epoch 1 is epoch 1's order."""
+    full, _, _ = run(tmp_path / "full", num_workers=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=13, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crashed", [ckpt], [FailAtStep(14)], num_workers=1, enable_checkpointing=True)
+    resumed, _, _ = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=13.ckpt"), num_workers=1)
+    assert resumed.seen == full.seen[13:]
+    assert resumed.shapes == full.shapes[13:]
