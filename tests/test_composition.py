@@ -4,7 +4,9 @@ plugin listed twice is refused unless it allows it.
 
 Each plugin has a *profile*: the YAML options for a short run on :class:`batchkit.testing.TinyMoEModule`
 (which every plugin can act on: a loss, a per-sample loss, routers) and a check that it acted. A new
-plugin joins by adding its profile. ``python tests/test_composition.py`` rewrites the verdict table
+plugin joins by adding its profile. A plugin that acts on images (multigrid changes their size)
+says so in its profile: its pairs then run on the same problem laid out as 2 x 4 images (upsampled
+to 8 x 16), which :class:`ImageMoEModule` pools adaptively back to the 8 features. ``python tests/test_composition.py`` rewrites the verdict table
 in docs/config.md; a test keeps the two in sync.
 """
 
@@ -20,7 +22,10 @@ from typing import Any
 from typing import Callable
 
 import pytest
+import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 from batchkit import PluginConflictError
 from batchkit.config import available_plugins
@@ -40,6 +45,29 @@ class Profile:
     acted: Callable[[Any, Any], bool]
     what: str
     trainer: dict[str, Any] = field(default_factory=dict)
+    #: whether the plugin needs image inputs (its pairs then run on :class:`ImageMoEModule`)
+    images: bool = False
+
+
+class IndexedImages(Dataset):
+    """IndexedDataset's samples with the 8 features as a 2 x 4 image, upsampled 4x: ``(1, 8, 16)``."""
+
+    def __init__(self, n: int, noise: float) -> None:
+        self.base = IndexedDataset(n=n, noise=noise)
+        self.x = self.base.x.reshape(n, 1, 2, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.x[i], self.base.y[i], i
+
+
+class ImageMoEModule(TinyMoEModule):
+    """TinyMoEModule on images of any size: adaptive average pooling to 2 x 4, then the 8 features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.adaptive_avg_pool2d(x, (2, 4)).flatten(1))
 
 
 def _optimizer_is(name: str) -> Callable[[Any, Any], bool]:
@@ -54,6 +82,10 @@ PROFILES: dict[str, Profile] = {
     "lamb": Profile({}, _optimizer_is("Lamb"), "the optimizer is Lamb"),
     "lars": Profile({}, _optimizer_is("Lars"), "the optimizer is Lars"),
     "mixup": Profile({"num_classes": 3}, lambda p, t: p.last_lambda is not None, "batches were mixed"),
+    # 48 images of 8 x 16 in batches of 8: every epoch trains a batch of 32 at 4 x 8 and one of 16 at 6 x 11
+    "multigrid": Profile({"baseline_epochs": 2, "baseline_lr_milestones": [1]},
+                         lambda p, t: p.batches_by_size == {(4, 8): 3, (6, 11): 3},
+                         "batches of 32 at 4 x 8 and of 16 at 6 x 11 were trained", images=True),
 }
 
 
@@ -65,10 +97,12 @@ def _conflict(a: str, b: str) -> bool:
 def _fit(tmp_path: Path, names: list[str]) -> tuple[dict[str, Any], Any, TinyMoEModule]:
     entries = {name: {"plugin": name, **PROFILES[name].options} for name in names}
     plugins = build_plugins(entries)
-    module = TinyMoEModule()
+    images = any(PROFILES[n].images for n in names)
+    module = ImageMoEModule() if images else TinyMoEModule()
     trainer = make_trainer(tmp_path, [BatchKitCallback(plugins)], max_epochs=3,
                            **{k: v for n in names for k, v in PROFILES[n].trainer.items()})
-    trainer.fit(module, DataLoader(IndexedDataset(n=48, noise=0.8), batch_size=8, shuffle=True))
+    data = IndexedImages(n=48, noise=0.8) if images else IndexedDataset(n=48, noise=0.8)
+    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True))
     return {kind_of(p): p for p in plugins}, trainer, module
 
 
@@ -129,7 +163,10 @@ def matrix_markdown() -> str:
                 cells.append("conflict" if _conflict(a, b) else "✓")
         rows.append(f"| `{a}` | " + " | ".join(cells) + " |")
     legend = ("✓: the two run together and both act (" + "; ".join(f"`{n}`: {PROFILES[n].what}" for n in names)
-              + "). conflict: refused before training, naming both entries.")
+              + "). conflict: refused before training, naming both entries. Pairs with "
+              + ", ".join(f"`{n}`" for n in names if PROFILES[n].images)
+              + " run on images (the same problem laid out as 2 x 4 images, upsampled to 8 x 16, and the MLP behind an "
+              "adaptive pooling).")
     return "\n".join([BEGIN, *rows, "", legend, END])
 
 

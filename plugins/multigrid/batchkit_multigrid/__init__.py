@@ -6,10 +6,15 @@
 * :mod:`batchkit_multigrid.resize`: the shape change in the DataLoader worker (temporal striding,
   spatial resizing) for clips (C, T, H, W) and images (C, H, W).
 
-The plugin class that wires these into the host's sampler, collate and LR-scale hooks comes with
-the host API for variable batch shapes.
+* :mod:`batchkit_multigrid.plugin`: :class:`MultigridPlugin` (entry point ``multigrid``), which wires
+  them into the host: the sampler stage regroups each rank's samples into the schedule's batch sizes,
+  the collate stage resizes in the workers, the long cycle rebuilds the loader and scales the LR.
+* :mod:`batchkit_multigrid.testing`: small image/clip datasets and modules for tests.
 """
 
+from batchkit_multigrid.plugin import MultigridBatchSampler
+from batchkit_multigrid.plugin import MultigridCollate
+from batchkit_multigrid.plugin import MultigridPlugin
 from batchkit_multigrid.resize import collate_at_size
 from batchkit_multigrid.resize import input_size
 from batchkit_multigrid.resize import resize_batch
@@ -38,6 +43,9 @@ __all__ = [
     "SHORT_CYCLE_FACTORS",
     "BatchShape",
     "GridShape",
+    "MultigridBatchSampler",
+    "MultigridCollate",
+    "MultigridPlugin",
     "MultigridSchedule",
     "Stage",
     "collate_at_size",

@@ -361,6 +361,21 @@ class MultigridSchedule:
             return 1.0
         return float(self.long_cycle_shape(int(epoch)).batch_factor)
 
+    @property
+    def module_lr_milestones(self) -> list[int]:
+        """The epochs (of the multigrid run) at which the module's own step LR schedule decays by
+        γ, so that module LR × :meth:`lr_scale` is SlowFast's LR at every epoch::
+
+            base_lr · γ^(number of milestones <= e) · lr_scale(e) == base_lr · lr_factor(e)
+
+        With the long cycle: the start of every repeated LR stage but the first, then the middle
+        of the fine-tune (SlowFast's last ``STEPS`` entry). Without it: ``lr_steps[1:]``. A
+        milestone may repeat (two decays at once) when rounding left a stage empty."""
+        if not self.long_cycle:
+            return list(self.lr_steps[1:])
+        starts = [next(s.start_epoch for s in self.stages if s.lr_stage == i) for i in range(1, len(self.steps) - 1)]
+        return starts + [self.lr_steps[-1]]
+
     def is_eval_epoch(self, epoch: int) -> bool:
         """SlowFast's evaluation cadence: ``eval_freq`` times per stage, always at a stage's last
         epoch and at the last epoch of training (its ``misc.is_eval_epoch``)."""

@@ -224,3 +224,22 @@ def test_bad_options_name_the_option_and_the_fix(kwargs, words):
 def test_negative_epoch_is_refused():
     with pytest.raises(ValueError, match="epoch must be >= 0"):
         slowfast_8x8().batch_shape(-1, 0)
+
+
+def test_module_lr_milestones_give_slowfasts_lr_with_the_batch_factor():
+    """The module's own step schedule decays by γ at module_lr_milestones, multigrid multiplies by
+    β_k: their product is SlowFast's LR at every epoch. For the 8x8 vector: the starts of LR stages 1
+    and 2 (158, 259) and the middle of the fine-tune (343)."""
+    s = slowfast_8x8()
+    assert s.module_lr_milestones == [158, 259, 343]
+    cases = [s, MultigridSchedule((16, 64, 64), 10, [7, 9]), MultigridSchedule((16, 64, 64), 10, [8]),
+             slowfast_8x8(long_cycle=False), slowfast_8x8(short_cycle=False), MultigridSchedule((28, 28), 15, [12])]
+    for schedule in cases:
+        milestones = schedule.module_lr_milestones
+        for epoch in range(schedule.max_epochs + 2):
+            decays = sum(m <= epoch for m in milestones)
+            assert schedule.gamma**decays * schedule.lr_scale(epoch) == pytest.approx(schedule.lr_factor(epoch), rel=1e-12)
+    # our benchmark's baseline (10 epochs, decays at 7 and 9): LR stage 1 begins at 11, the fine-tune's
+    # middle rounds onto its start (14), so the fine-tune runs at γ² throughout
+    assert MultigridSchedule((16, 64, 64), 10, [7, 9]).module_lr_milestones == [11, 14]
+    assert slowfast_8x8(long_cycle=False).module_lr_milestones == [141, 231, 294]
