@@ -491,6 +491,11 @@ class PluginHost:
             raise PluginError(f"batchkit: metric {key!r}: reduce must be None, 'mean', 'sum', 'max' or 'min', got {reduce!r}")
         self._metrics[key] = (value, reduce)
 
+    @property
+    def has_metrics(self) -> bool:
+        """Whether a metric was logged since the last :meth:`pop_metrics`."""
+        return bool(self._metrics)
+
     def pop_metrics(self) -> dict[str, tuple[Any, str | None]]:
         if not self._metrics:
             return {}

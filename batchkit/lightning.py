@@ -250,9 +250,12 @@ class BatchKitCallback(Callback):
             loaded = count_samples(batch, ctx.batch_spec)
             if has_batch:
                 plan = ctx.super_batch
+                given = batch
                 batch = host.chain("batchkit_transform_batch", batch, after=check_size if plan is not None and plan.active else None,
                                    module=pl_module, ctx=ctx)
-                trained = count_samples(batch, ctx.batch_spec)
+                # a chain that returned the batch it was given (changed in place at most) kept its size,
+                # unless a selecting plugin cut it in place: count again only then
+                trained = loaded if batch is given and not (plan is not None and plan.active) else count_samples(batch, ctx.batch_spec)
             else:
                 trained = loaded
             progress.samples_loaded += loaded
@@ -372,7 +375,8 @@ class BatchKitCallback(Callback):
             ctx.global_step += 1
             self.host.notify("batchkit_step_end", ctx=ctx)
         # the step's 0-based index, which Lightning's own metrics of the same step carry
-        self._flush_metrics(trainer, ctx.global_step - 1 if ctx.is_last_micro_batch else ctx.global_step)
+        if self.host.has_metrics:
+            self._flush_metrics(trainer, ctx.global_step - 1 if ctx.is_last_micro_batch else ctx.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)

@@ -78,6 +78,8 @@ PROFILES: dict[str, Profile] = {
     "hard_batches": Profile({"delta": 0.5}, lambda p, t: p.applied_upto > 0, "rounds were chosen from the loss table"),
     "selective_backprop": Profile({"keep": 0.5, "start": 0.0, "end": 1.0, "interrupt": 0},
                                   lambda p, t: p.selected_batches > 0, "batches were pruned"),
+    # the labels stand in for source ids (3 sources); batches of 8 are chosen from large batches of 16
+    "colm": Profile({"source_field": "1"}, lambda p, t: p.normalizer.t > 0, "coresets were chosen from large batches"),
     "moe_lbl": Profile({"coefficient": 0.01}, lambda p, t: p.last_layer_losses is not None, "the LBL term was added"),
     "lamb": Profile({}, _optimizer_is("Lamb"), "the optimizer is Lamb"),
     "lars": Profile({}, _optimizer_is("Lars"), "the optimizer is Lars"),

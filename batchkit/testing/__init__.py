@@ -124,7 +124,15 @@ class TinyMoEModule(TinyModule):
     """:class:`TinyModule` with a mixture-of-experts layer after its first Linear: a
     :class:`TinyRouter` sends every sample to ``top_k`` of ``num_experts`` small experts, weighted by
     its renormalised router probabilities. Every built-in plugin can act on it (it has a loss, a
-    per-sample loss and routers), which is what the composition tests need."""
+    per-sample loss and routers), which is what the composition tests need.
+
+    For pair-selection plugins it also offers the two-tower protocol of
+    ``batchkit_examples.code_pairs.TwoTowerRetrieval``: each sample is the pair (its input, its
+    label), embedded as the normalised logits and the one-hot label, with a fixed SigLIP temperature
+    and bias."""
+
+    siglip_temperature = 5.0
+    siglip_bias = -1.0
 
     def __init__(self, dim: int = 8, classes: int = 3, lr: float = 0.05, batch_norm: bool = False, momentum: float = 0.9,
                  num_experts: int = 4, top_k: int = 2) -> None:
@@ -146,6 +154,12 @@ class TinyMoEModule(TinyModule):
         for layer in layers[1:]:
             h = layer(h)
         return h
+
+    def pair_embeddings(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b): the normalised logits of the inputs and the one-hot labels, ``[n, classes]`` each."""
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        return F.normalize(logits, dim=-1), F.one_hot(y, logits.shape[-1]).to(logits.dtype)
 
 
 def make_trainer(root: str | Path | None, callbacks: list, **kwargs: Any) -> Any:
