@@ -325,10 +325,10 @@ class MoELoadBalancing(Plugin):
         self._finish_step()
         self.detach()
 
-    @hookimpl(trylast=True)
-    def batchkit_transform_batch(self, batch: Any, ctx: Any) -> None:
-        # Open the capture window after every other batch-stage plugin (their scoring forwards
-        # are not training tokens); the loss stage closes it.
+    @hookimpl
+    def batchkit_before_forward(self, batch: Any, ctx: Any) -> None:
+        # Open the capture window once the batch stage is done (other plugins' scoring forwards
+        # are not training tokens) on the batch training_step receives; the loss stage closes it.
         capture = self.capture
         if capture is None:
             raise PluginError(f"{self.instance_name}: no model attached; call attach(model) before training")

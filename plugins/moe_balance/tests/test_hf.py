@@ -73,7 +73,7 @@ def run_micro_batch(plugin: MoELoadBalancing, model: nn.Module, ids: torch.Tenso
     """One training micro-batch through the batch and loss stages; returns (HF outputs, the term added)."""
     host = PluginHost([plugin])
     batch = {"input_ids": ids, "attention_mask": mask}
-    host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=batch, module=model, ctx=host.ctx)
     out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
     zero = torch.zeros(())
     return out, host.chain("batchkit_transform_loss", zero, outputs=out, batch=batch, module=model, ctx=host.ctx)
@@ -211,7 +211,7 @@ def test_transformers_4x_linear_gates_are_found_by_auto_and_linear_is_refused_wi
     assert plugin._k == 2  # from the block
     host = PluginHost([plugin])
     x = torch.randn(5, 8)
-    host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=x, module=model, ctx=host.ctx)
     logits = []
     for layer in model["layers"]:
         x, z = layer.block_sparse_moe(layer.self_attn(x))

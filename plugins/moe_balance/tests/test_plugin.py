@@ -45,7 +45,7 @@ def step(host: PluginHost, model: nn.Module, batch: torch.Tensor, last: bool = T
     """One micro-batch through the batch and loss stages, as BatchKitCallback runs them; returns the
     auxiliary term the plugin added (the total loss is kept in ``step.total`` for backward)."""
     host.ctx.is_last_micro_batch = last
-    batch = host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=batch, module=model, ctx=host.ctx)
     base = task_weight * model.lm_loss(batch)
     total = host.chain("batchkit_transform_loss", base, outputs=base, batch=batch, module=model, ctx=host.ctx)
     step.total = total
@@ -103,7 +103,7 @@ def test_protocol_router_with_tuple_output_and_top1() -> None:
     plugin.attach(model)
     assert plugin.router_names == ["0"] and plugin._k == 1
     x = torch.randn(5, 4)
-    host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=x, module=model, ctx=host.ctx)
     logits, _ = model(x)
     loss = host.chain("batchkit_transform_loss", torch.zeros(()), outputs=None, batch=x, module=model, ctx=host.ctx)
     c, s, t = routing_statistics(logits, 1)
@@ -134,7 +134,7 @@ def test_only_tokens_of_the_training_step_are_counted() -> None:
     model = small_lm()
     host, plugin = attached(model, mode="micro")
     model(windows(5, seed=3)[:, :-1])  # e.g. validation: outside the window
-    host.chain("batchkit_transform_batch", windows(), module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=windows(), module=model, ctx=host.ctx)
     with torch.no_grad():  # e.g. another plugin's scoring pass inside the window
         model(windows(7, seed=4)[:, :-1])
     loss = model.lm_loss(windows())
@@ -273,7 +273,7 @@ def test_sequence_mode_and_token_mask() -> None:
     mask = torch.ones(2, 12)
     mask[1, 6:] = 0
     batch = {"tokens": tokens, "mask": mask}
-    host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+    host.notify("batchkit_before_forward", batch=batch, module=model, ctx=host.ctx)
     logits = router_logits(model, tokens)  # the training forward (the plugin captures it too)
     base = torch.zeros(())
     aux = host.chain("batchkit_transform_loss", base, outputs=None, batch=batch, module=model, ctx=host.ctx)
@@ -281,7 +281,7 @@ def test_sequence_mode_and_token_mask() -> None:
     assert torch.allclose(aux, expected)
     assert plugin.last_local_counts[0, -1] == 18  # padding left out
     with pytest.raises(PluginError, match="token_mask_key"):
-        host.chain("batchkit_transform_batch", tokens, module=model, ctx=host.ctx)
+        host.notify("batchkit_before_forward", batch=tokens, module=model, ctx=host.ctx)
         model(tokens[:, :-1])
         host.chain("batchkit_transform_loss", base, outputs=None, batch=tokens, module=model, ctx=host.ctx)
 
@@ -376,7 +376,7 @@ def run_global(overlap: bool, case: str) -> dict:
         mask = (torch.rand(3, 12, generator=torch.Generator().manual_seed(seed)) > 0.25).float()
         batch = {"window": window, "mask": mask}
         host.ctx.is_last_micro_batch = i == 1
-        host.chain("batchkit_transform_batch", batch, module=model, ctx=host.ctx)
+        host.notify("batchkit_before_forward", batch=batch, module=model, ctx=host.ctx)
         if case == "two_forwards":  # each router runs twice in the step
             base = 0 * (model.lm_loss(window[:2]) + model.lm_loss(window[2:]))
         else:
@@ -442,7 +442,7 @@ def test_host_copies_happen_only_on_the_steps_the_trainer_logs(overlap: bool) ->
             for micro in range(2):
                 x = data[4 * step_index + 2 * micro: 4 * step_index + 2 * micro + 2]
                 host.ctx.is_last_micro_batch = micro == 1
-                host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+                host.notify("batchkit_before_forward", batch=x, module=model, ctx=host.ctx)
                 base = 0 * model(x).sum()
                 host.chain("batchkit_transform_loss", base, outputs=base, batch=x, module=model, ctx=host.ctx).backward()
             host.ctx.global_step += 1
@@ -482,7 +482,7 @@ def test_the_loss_stage_runs_the_same_few_operators_whatever_the_number_of_layer
         plugin.attach(model)
         x = TokenDataset().x[:4]
         for _ in range(2):  # the second call runs on the cached row -> layer index
-            host.chain("batchkit_transform_batch", x, module=model, ctx=host.ctx)
+            host.notify("batchkit_before_forward", batch=x, module=model, ctx=host.ctx)
             base = 0 * model(x).sum()
             ops = profiled_ops(lambda h=host, b=base, x=x, m=model: h.chain(
                 "batchkit_transform_loss", b, outputs=b, batch=x, module=m, ctx=h.ctx))
