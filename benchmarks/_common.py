@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+#: The machine's CPU lock, shared by every benchmark: timing and memory measurements hold it
+#: exclusively, training runs shared, so a timing never runs beside another engineer's training.
+CPU_LOCK = "/tmp/bk-cpu.lock"
 
 # glibc returns large freed allocations to the OS (mmap threshold, heap trimming), so code that
 # allocates temporaries every step page-faults them in again each time, and how often depends on
@@ -14,6 +21,17 @@ from typing import Any
 # ~3.0 ms per step from one run to the next. Keeping freed memory in the heap measures the code
 # rather than the page-fault path, identically for both sides of every comparison.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+@contextmanager
+def cpu_lock(exclusive: bool) -> Iterator[None]:
+    """Hold :data:`CPU_LOCK` (exclusively for timing, shared for training) for the block."""
+    with open(CPU_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def reexec_with_stable_malloc() -> None:

@@ -53,7 +53,7 @@ from _common import reexec_with_stable_malloc  # noqa: E402
 from coresets_sizing import MODEL  # noqa: E402
 from coresets_sizing import Curves  # noqa: E402
 from coresets_sizing import batches  # noqa: E402
-from coresets_sizing import cpu_lock  # noqa: E402
+from _common import cpu_lock  # noqa: E402
 from coresets_sizing import peak_tensor_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,36 +29,25 @@ Writes benchmarks/results/coresets_sizing.json (or ``--output``).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from typing import Callable
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_lock  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "coresets_sizing.json"
-LOCK = "/tmp/bk-cpu.lock"
 
 MODEL = dict(dim=64, layers=2, heads=4, hidden=256, seq_len=64, lr=3e-3, weight_decay=0.1, warmup_steps=20)
 
-
-@contextmanager
-def cpu_lock(exclusive: bool) -> Iterator[None]:
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def batches(dataset: Any, size: int, seed: int) -> Iterator[dict]:

@@ -41,7 +41,6 @@ Writes benchmarks/results/moe_balance.json and docs/methods/moe_balance_expert_l
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
 import importlib
 import json
@@ -51,35 +50,24 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from queue import Empty
 from typing import Any
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_lock  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "moe_balance.json"
 PLOT = ROOT / "docs" / "methods" / "moe_balance_expert_load.png"
-LOCK = "/tmp/bk-cpu.lock"
 MODES = ("micro", "global")
 
 MODEL = dict(dim=64, layers=2, heads=4, num_experts=8, top_k=2, expert_hidden=128, seq_len=128, lr=3e-3,
              warmup_steps=30)
 TRAIN = dict(micro_batch=2, accumulate=8, coefficient=0.01)
 
-
-@contextmanager
-def cpu_lock(exclusive: bool) -> Iterator[None]:
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -32,26 +32,23 @@ Writes benchmarks/results/multigrid_baseline.json.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_lock  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "multigrid_baseline.json"
 
-LOCK = "/tmp/bk-cpu.lock"  # the machine's CPU lock: timing holds it exclusively, training shared
 BATCH_SIZE = 32
 LR = 0.05
 CHANNELS = 16
@@ -65,15 +62,6 @@ def quiet() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-
-@contextmanager
-def cpu_lock(exclusive: bool) -> Iterator[None]:
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def shape_costs(epochs: int, milestones: list[int], repeats: int, steps: int) -> dict[str, Any]:
