@@ -167,6 +167,7 @@ class MoELoadBalancing(Plugin):
 
         self.capture: RouterCapture | None = None
         self.router_names: list[str] = []
+        self._checkpoint_router_names: list[str] = []
         self._k: int = 0
         self._score: str = "softmax"
         self.num_experts: int | None = None
@@ -373,7 +374,8 @@ class MoELoadBalancing(Plugin):
         copy = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
         return {
             "mode": self.mode,
-            "router_names": list(self.router_names),
+            # the routers the counts' rows belong to (the checkpoint's, until a model is attached)
+            "router_names": list(self.router_names or self._checkpoint_router_names),
             "step_counts": copy(self._step_counts_so_far()),
             "step_stats": copy(self._step_stats()),
             "micro_steps": self._micro_steps(),
@@ -386,6 +388,13 @@ class MoELoadBalancing(Plugin):
                 f"{self.instance_name}: the checkpoint was saved with mode: {state.get('mode')} but this run uses "
                 f"mode: {self.mode}; resume with the same mode"
             )
+        saved = list(state.get("router_names") or [])
+        if self.router_names and saved and saved != list(self.router_names):
+            raise PluginError(
+                f"{self.instance_name}: the checkpoint's counts belong to the routers {saved}, but this run found "
+                f"{list(self.router_names)}; resume with the same model and router_type / router_pattern"
+            )
+        self._checkpoint_router_names = saved
         self._finish_step()
         self._step_buffer = state.get("step_counts")
         self._restored_stats = state.get("step_stats")
