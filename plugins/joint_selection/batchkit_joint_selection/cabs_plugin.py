@@ -20,7 +20,8 @@ checkpoint for it; the counters behind the metrics are checkpointed.
 Concepts come from the batch: the field ``concepts_field`` (default ``"concepts"``: one list of
 concept names per example, the key of the code-pairs example), or ``concepts_fn(batch)`` returning
 one list per example (a callable from Python, or ``"package.module:function"`` in YAML). A ``[n, C]``
-tensor is read as multi-hot (integer counts repeat a concept).
+tensor is read as multi-hot (integer counts repeat a concept), a ``[n]`` tensor as one concept id per
+example (class labels, say).
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ ConceptsFn = Callable[[Any], Sequence[Sequence[Any]]]
 def concept_lists(plugin: str, value: Any, n: int, source: str) -> list[list[Any]]:
     """One list of concepts per example from a batch field or a ``concepts_fn`` result."""
     if isinstance(value, torch.Tensor):
-        if value.dim() != 2 or value.shape[0] != n:
+        if value.dim() not in (1, 2) or value.shape[0] != n:
             raise PluginError(
-                f"{plugin}: {source} is a tensor of shape {tuple(value.shape)}; a concept tensor must be [n = {n}, C] "
-                "multi-hot (or counts), one row per example"
+                f"{plugin}: {source} is a tensor of shape {tuple(value.shape)}; a concept tensor must be [n = {n}] "
+                f"(one concept id per example, e.g. class labels) or [n = {n}, C] multi-hot (or counts)"
             )
         rows = value.detach().cpu()
+        if rows.dim() == 1:
+            return [[v] for v in rows.tolist()]
         if rows.dtype == torch.bool or rows.is_floating_point():
             return [r.nonzero().flatten().tolist() for r in rows]
         return [torch.repeat_interleave(torch.arange(rows.shape[1]), r.clamp(min=0)).tolist() for r in rows]

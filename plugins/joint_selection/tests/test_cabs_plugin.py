@@ -103,6 +103,8 @@ def test_concepts_from_a_callable_an_import_path_or_a_multi_hot_tensor(tmp_path:
     hot = torch.tensor([[1, 0, 2], [0, 0, 0], [0, 1, 0]])
     assert CABSSelection().concepts_of({"concepts": hot}, 3) == [[0, 2, 2], [], [1]]
     assert CABSSelection().concepts_of({"concepts": hot.bool()}, 3) == [[0, 2], [], [1]]
+    # a [n] tensor: one concept per example (class labels of an (x, y, index) batch: concepts_field "1")
+    assert CABSSelection(concepts_field="1").concepts_of([torch.zeros(3, 2), torch.tensor([2, 0, 2])], 3) == [[2], [0], [2]]
 
 
 def test_a_batch_without_concepts_is_refused_naming_the_option(tmp_path: Path) -> None:
@@ -113,8 +115,8 @@ def test_a_batch_without_concepts_is_refused_naming_the_option(tmp_path: Path) -
     assert module.seen == []
     with pytest.raises(PluginError, match="has 3 entries but the super-batch has 40 examples"):
         fit(tmp_path, [CABSSelection(concepts_fn=lambda batch: [["x"]] * 3)], epochs=1)
-    with pytest.raises(PluginError, match=r"concept tensor must be \[n = 40, C\]"):
-        fit(tmp_path, [CABSSelection(concepts_fn=lambda batch: torch.ones(40))], epochs=1)
+    with pytest.raises(PluginError, match=r"concept tensor must be \[n = 40\].*or \[n = 40, C\]"):
+        fit(tmp_path, [CABSSelection(concepts_fn=lambda batch: torch.ones(40, 2, 2))], epochs=1)
 
 
 @pytest.mark.parametrize("f", [0.0, 1.0, 2.0])
