@@ -63,8 +63,12 @@ def required_field(plugin: str, batch: Any, path: str, option: str, what: str, f
     """:func:`batch_field`, or a :class:`PluginError` naming the option and the fix."""
     value = batch_field(batch, path)
     if value is _MISSING:
-        fields = sorted(map(str, batch)) if isinstance(batch, Mapping) else f"{type(batch).__name__} of {len(batch)}" \
-            if isinstance(batch, (list, tuple)) else type(batch).__name__
+        if isinstance(batch, Mapping):
+            fields: Any = sorted(map(str, batch))
+        elif isinstance(batch, (list, tuple)):
+            fields = [str(i) for i in range(len(batch))]  # positions are the paths of a sequence batch
+        else:
+            fields = f"none (a {type(batch).__name__})"
         raise PluginError(
             f"{plugin}: the batch has no field {path!r} ({option}: {path!r}), which holds {what}; the batch's "
             f"fields: {fields}. {fix}"

@@ -128,13 +128,18 @@ class CABSSelection(Plugin):
         self.load_factor = load_factor_of(self.name, filter_ratio)
         self.filter_ratio = float(filter_ratio)
         if variant not in ("dm", "fm"):
-            raise ValueError(f"cabs: variant must be 'dm' (diversity maximisation) or 'fm' (most concepts), got {variant!r}")
+            raise ValueError(
+                f"cabs: variant must be 'dm' (diversity maximisation) or 'fm' (most concepts), got {variant!r}")
         if scope not in ("global", "rank"):
             raise ValueError(f"cabs: scope must be 'global' or 'rank', got {scope!r}")
         if isinstance(max_freq, bool) or not isinstance(max_freq, int) or max_freq < 1:
-            raise ValueError(f"cabs: max_freq (the per-GPU frequency cap) must be an integer >= 1, got {max_freq!r}; the paper uses 10")
-        if isinstance(min_per_concept, bool) or not isinstance(min_per_concept, int) or not 1 <= min_per_concept <= max_freq:
-            raise ValueError(f"cabs: min_per_concept must be an integer in [1, max_freq = {max_freq}], got {min_per_concept!r}")
+            raise ValueError(
+                f"cabs: max_freq (the per-GPU frequency cap) must be an integer >= 1, got {max_freq!r}; "
+                "the paper uses 10")
+        if isinstance(min_per_concept, bool) or not isinstance(min_per_concept, int) \
+                or not 1 <= min_per_concept <= max_freq:
+            raise ValueError(
+                f"cabs: min_per_concept must be an integer in [1, max_freq = {max_freq}], got {min_per_concept!r}")
         self.variant = variant
         self.max_freq = max_freq
         self.min_per_concept = min_per_concept

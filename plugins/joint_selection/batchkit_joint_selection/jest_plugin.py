@@ -206,7 +206,8 @@ class JESTSelection(Plugin):
         if selection not in ("joint", "independent_topk"):
             raise ValueError(f"jest: selection must be 'joint' or 'independent_topk', got {selection!r}")
         if scope not in ("global", "rank"):
-            raise ValueError(f"jest: scope must be 'global' (select over every rank's super-batch) or 'rank', got {scope!r}")
+            raise ValueError(
+                f"jest: scope must be 'global' (select over every rank's super-batch) or 'rank', got {scope!r}")
         if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
             raise ValueError(f"jest: n_chunks must be a positive integer, got {n_chunks!r}; the paper uses 16")
         if variant != "hard_learner" and reference is None:
@@ -323,7 +324,8 @@ class JESTSelection(Plugin):
 
     # -- scoring --------------------------------------------------------------------------------
 
-    def learnability_scores(self, features: Mapping[str, torch.Tensor], learner_scale: tuple[float, float]) -> torch.Tensor:
+    def learnability_scores(self, features: Mapping[str, torch.Tensor],
+                            learner_scale: tuple[float, float]) -> torch.Tensor:
         """S over the (gathered) super-batch, from the two models' pairwise SigLIP loss matrices."""
         learner = reference = None
         if self.uses_learner:
@@ -342,8 +344,8 @@ class JESTSelection(Plugin):
         a, b = out
         if a.dim() != 2 or a.shape != b.shape or a.shape[0] != n:
             raise PluginError(
-                f"jest: the {role}'s pair_embeddings(batch) returned shapes {tuple(a.shape)} and {tuple(b.shape)} for a "
-                f"batch of {n} examples; return two [{n}, D] tensors, one row per example"
+                f"jest: the {role}'s pair_embeddings(batch) returned shapes {tuple(a.shape)} and {tuple(b.shape)} "
+                f"for a batch of {n} examples; return two [{n}, D] tensors, one row per example"
             )
         return a.detach().float(), b.detach().float()
 
@@ -366,14 +368,16 @@ class JESTSelection(Plugin):
                 self.reference_rows_computed += n * dist.get_world_size()  # every rank runs it on its n
                 return self._embeddings(self.reference, batch, n, "reference model")
         ids = required_field(
-            self.name, batch, self.index_field, "index_field", "each example's dataset index (the reference cache's key)",
+            self.name, batch, self.index_field, "index_field",
+            "each example's dataset index (the reference cache's key)",
             "Set index_field to the field that holds it, or cache_reference: false to run the reference on every "
             "super-batch.")
         ids = torch.as_tensor(ids).long().flatten()
         if ids.shape[0] != n or (n and int(ids.min()) < 0):
             raise PluginError(
                 f"jest: index_field {self.index_field!r} must hold one non-negative dataset index per example "
-                f"({n}), got shape {tuple(ids.shape)}; point index_field at the right field or set cache_reference: false"
+                f"({n}), got shape {tuple(ids.shape)}; point index_field at the right field or set "
+                "cache_reference: false"
             )
         device = ids.device
         if self._cache_known is not None:

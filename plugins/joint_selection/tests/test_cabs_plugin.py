@@ -78,7 +78,11 @@ def test_cabs_runs_first_so_other_selectors_see_only_what_it_kept(tmp_path: Path
     received: list[int] = []
     jest = JESTSelection(reference=REFERENCE, n_chunks=4)
     original = jest.learnability_scores
-    jest.learnability_scores = lambda f, s: received.append(f["learner_a"].shape[0]) or original(f, s)  # type: ignore[method-assign]
+    def count(features, scale):
+        received.append(features["learner_a"].shape[0])
+        return original(features, scale)
+
+    jest.learnability_scores = count  # type: ignore[method-assign]
     recorder = SuperBatchRecorder()
     cabs = CABSSelection()
     module, trainer = fit(tmp_path, [jest, cabs, recorder], epochs=1, n=1000)
@@ -90,7 +94,8 @@ def test_cabs_runs_first_so_other_selectors_see_only_what_it_kept(tmp_path: Path
 
 def test_concepts_from_a_callable_an_import_path_or_a_multi_hot_tensor(tmp_path: Path) -> None:
     recorder = SuperBatchRecorder()
-    by_callable = CABSSelection(concepts_fn=lambda batch: [[c for c in cs if c != "common"] for cs in batch["concepts"]])
+    by_callable = CABSSelection(
+        concepts_fn=lambda batch: [[c for c in cs if c != "common"] for cs in batch["concepts"]])
     module, _ = fit(tmp_path / "callable", [recorder, by_callable], epochs=1)
     for step, concepts in enumerate(recorder.concepts):
         stripped = [[c for c in cs if c != "common"] for cs in concepts]
@@ -104,7 +109,8 @@ def test_concepts_from_a_callable_an_import_path_or_a_multi_hot_tensor(tmp_path:
     assert CABSSelection().concepts_of({"concepts": hot}, 3) == [[0, 2, 2], [], [1]]
     assert CABSSelection().concepts_of({"concepts": hot.bool()}, 3) == [[0, 2], [], [1]]
     # a [n] tensor: one concept per example (class labels of an (x, y, index) batch: concepts_field "1")
-    assert CABSSelection(concepts_field="1").concepts_of([torch.zeros(3, 2), torch.tensor([2, 0, 2])], 3) == [[2], [0], [2]]
+    labels = [torch.zeros(3, 2), torch.tensor([2, 0, 2])]
+    assert CABSSelection(concepts_field="1").concepts_of(labels, 3) == [[2], [0], [2]]
 
 
 def test_a_batch_without_concepts_is_refused_naming_the_option(tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ def check_cabs(a: dict, b: dict) -> None:
         assert (g_step, micro) == tuple(b["steps"][step])
         for rank, record in enumerate((a, b)):
             want = cabs_dm_rank(per_rank, rank, 2 * KEEP, max_freq=3, generator=step_generator(0, g_step, micro, rank))
-            assert record["trained"][step] == [record["super_ids"][step][i] for i in want.indices.tolist()], (step, rank)
+            kept = [record["super_ids"][step][i] for i in want.indices.tolist()]
+            assert record["trained"][step] == kept, (step, rank)
             greedy += want.greedy
         assert not set(a["trained"][step]) & set(b["trained"][step])
     assert a["state"]["greedy"] + b["state"]["greedy"] == greedy > 0
