@@ -52,6 +52,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -354,6 +355,108 @@ def overhead(data: PairsData, reference: Path, lrs: dict[str, float], steps: int
 
 
 # -------------------------------------------------------------------------------------------------
+# Overhead: forward FLOPs of the scoring pass (independent of the machine's load)
+# -------------------------------------------------------------------------------------------------
+
+
+def _embedding_bag_flops(weight: Any, indices: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """A weighted-sum bag: one multiply (by the per-sample weight) and one add per index and dimension."""
+    return 2 * _numel(indices) * weight[1]
+
+
+def _embedding_bag_backward_flops(grad: Any, indices: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """The weight gradient of a weighted bag: grad row times the index's weight, added into its row."""
+    return 2 * _numel(indices) * grad[1]
+
+
+def _per_sample_weights_backward_flops(grad: Any, weight: Any, indices: Any, *args: Any, out_shape: Any = None,
+                                       **kwargs: Any) -> int:
+    """d loss / d w_t: a dot product of the bag's gradient row with the token's vector, per index."""
+    return 2 * _numel(indices) * grad[1]
+
+
+def _numel(shape: Any) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def flop_counter() -> Any:
+    """``FlopCounterMode`` that also counts the towers' ``EmbeddingBag`` (it counts matrix products
+    only by default, and the code-pairs towers are bags of token vectors); lookups and element-wise
+    ops count 0, as ``FlopCounterMode`` counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._embedding_bag: _embedding_bag_flops, aten._embedding_bag_forward_only: _embedding_bag_flops,
+        aten._embedding_bag_backward: _embedding_bag_backward_flops,
+        aten._embedding_bag_per_sample_weights_backward: _per_sample_weights_backward_flops})
+
+
+def scoring_flops(train: Any, reference: Path, repeats: int = 5) -> dict[str, Any]:
+    """Per optimizer step, the mean over ``repeats`` random super-batches of the training set:
+    JEST's scoring pass (the learner's embeddings of the B = b / (1 - f) super-batch, both models'
+    B x B SigLIP loss matrices, S and the blocked draw; the reference's embeddings, which the
+    plugin caches per example, counted apart) against the training step on the b kept
+    (forward, and forward + backward)."""
+    import torch
+    from batchkit_examples.code_pairs import CodePairCollate
+    from batchkit_examples.code_pairs import TwoTowerRetrieval
+    from batchkit_examples.code_pairs import load_reference_model
+    from batchkit_joint_selection.jest import joint_sample
+    from batchkit_joint_selection.jest import learnability_matrix
+    from batchkit_joint_selection.jest import siglip_pair_losses
+
+    super_size = round(BATCH / (1 - FILTER))
+    collate, rng = CodePairCollate(), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    learner, ref = TwoTowerRetrieval(), load_reference_model(reference)
+    totals: dict[str, list[int]] = {k: [] for k in ("learner_forward", "reference_forward", "matrices_and_draw",
+                                                     "train_forward", "train_forward_backward")}
+    for _ in range(repeats):
+        ids = torch.randperm(len(train), generator=rng)[:super_size].tolist()
+        super_batch = collate([train[i] for i in ids])
+        kept = collate([train[i] for i in ids[:BATCH]])
+        with torch.no_grad():
+            with flop_counter() as c:
+                la, lb = learner.pair_embeddings(super_batch)
+            totals["learner_forward"].append(c.get_total_flops())
+            with flop_counter() as c:
+                ra, rb = ref.pair_embeddings(super_batch)
+            totals["reference_forward"].append(c.get_total_flops())
+            with flop_counter() as c:
+                scores = learnability_matrix(
+                    siglip_pair_losses(la, lb, float(learner.siglip_temperature), float(learner.siglip_bias)),
+                    siglip_pair_losses(ra, rb, float(ref.siglip_temperature), float(ref.siglip_bias)))
+                joint_sample(scores, BATCH, n_chunks=16, generator=torch.Generator().manual_seed(0))
+            totals["matrices_and_draw"].append(c.get_total_flops())
+        with flop_counter() as c:
+            loss = learner.per_sample_loss(kept).mean()
+        totals["train_forward"].append(c.get_total_flops())
+        with flop_counter() as c:
+            learner.per_sample_loss(kept).mean().backward()
+        totals["train_forward_backward"].append(c.get_total_flops())
+        learner.zero_grad()
+        del loss
+    mean = {k: statistics.fmean(v) for k, v in totals.items()}
+    scoring = mean["learner_forward"] + mean["matrices_and_draw"]
+    return {
+        "super_batch": super_size, "batch": BATCH, "repeats": repeats, "flops": mean,
+        # the steady state: every example's reference rows are cached after the first epoch (~17 steps)
+        "jest_scoring_forward_flops_per_step": scoring,
+        "jest_scoring_forward_flops_per_step_uncached_reference": scoring + mean["reference_forward"],
+        "jest_scoring_vs_train_step": scoring / mean["train_forward_backward"],
+        "jest_scoring_vs_train_step_uncached_reference": (scoring + mean["reference_forward"])
+        / mean["train_forward_backward"],
+        "counted": "matrix products (FlopCounterMode) and EmbeddingBag multiply-adds (custom formulas); lookups "
+                   "and element-wise ops 0. CABS scores no model: 0 FLOPs.",
+    }
+
+
+# -------------------------------------------------------------------------------------------------
 # Report
 # -------------------------------------------------------------------------------------------------
 
@@ -459,7 +562,14 @@ def main() -> None:
         references[name].update(reference_quality(paths[name], final_train, held))
         log(f"reference {name}: {references[name]}")
     out["references"] = references
+    out["scoring_flops"] = scoring_flops(final_train, paths["final"])
+    log(f"scoring FLOPs: {out['scoring_flops']['flops']}")
     final = PairsData(final_train, held)
+
+    def save_partial() -> None:
+        # so that a run stopped part-way leaves what it measured (the final write replaces it)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**out, "partial": True}, indent=1))
 
     # -- learning rates, on the tuning split --------------------------------------------------------
     shared = cpu_lock(exclusive=False)
@@ -483,6 +593,7 @@ def main() -> None:
         out["tuning_split"] = {"train": len(tune_train), "tune": len(tune_val)}
     out["lr"] = lrs
     log(f"learning rates: {lrs}")
+    save_partial()
 
     # -- the comparison -----------------------------------------------------------------------------
     plan: dict[str, tuple[dict, float, list[int]]] = {
@@ -501,6 +612,8 @@ def main() -> None:
             log(f"{name} seed {seed}: R@1 {run['curve'][-1]['r1']:.3f} R@10 {run['curve'][-1]['r10']:.3f} "
                 f"noisy {run['noisy_share']:.3f} distinct {run['distinct_trained']} {run['ms_per_step']:.0f} ms/step")
         runs[name] = {"entries": entries, "lr": lr, "per_seed": per_seed}
+        out["runs"] = runs
+        save_partial()
     shared.__exit__(None, None, None)
     out["runs"] = runs
     target = statistics.fmean(r["curve"][-1]["r1"] for r in runs["uniform"]["per_seed"])
@@ -532,10 +645,18 @@ def main() -> None:
         else by["jest_ref4000"]["iterations_to_uniform_final"] / uniform_reach,
         "goal_met": jest_reach is not None and jest_reach <= 0.5 * uniform_reach
         and by["jest"]["final_r1"]["mean"] > by["topk"]["final_r1"]["mean"],
+        # the scoring overhead per step: forward FLOPs of JEST's scoring pass (steady state, the
+        # reference's embeddings cached), against the training step's forward + backward FLOPs, and
+        # the measured step CPU time against uniform's
+        "jest_scoring_forward_flops_per_step": out["scoring_flops"]["jest_scoring_forward_flops_per_step"],
+        "train_step_flops": out["scoring_flops"]["flops"]["train_forward_backward"],
+        "jest_scoring_flops_vs_train_step": out["scoring_flops"]["jest_scoring_vs_train_step"],
         "jest_step_cpu_vs_uniform": out["overhead"]["vs_uniform"]["jest"],
+        "topk_step_cpu_vs_uniform": out["overhead"]["vs_uniform"]["topk"],
         "cabs_dm_step_cpu_vs_uniform": out["overhead"]["vs_uniform"]["cabs_dm"],
     }
     out["wall_s"] = time.perf_counter() - started
+    shutil.rmtree(tmp, ignore_errors=True)  # the reference checkpoints (50 MB each)
     out["load_average_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
