@@ -355,6 +355,38 @@ def overhead(data: PairsData, reference: Path, lrs: dict[str, float], steps: int
 
 
 # -------------------------------------------------------------------------------------------------
+# Diagnostics: what JEST's selection changes, with uniform batches
+# -------------------------------------------------------------------------------------------------
+
+
+def diagnostics(out: dict[str, Any], every: int) -> dict[str, Any]:
+    """Uniform batches of b, uniform's learning rate, the same seeds and steps, on two subsets of
+    the noisy training set: ``clean_pairs_only`` (the 70% correctly paired: a perfect noise filter,
+    every clean example covered) and ``random_subset_jest_size`` (a random subset, 30% noisy, as
+    large as the distinct examples JEST trained). They separate what removing corrupted pairs is
+    worth from what covering fewer examples costs."""
+    import numpy as np
+    from torch.utils.data import Subset
+
+    train, held, _ = datasets("final")
+    noisy = np.asarray(train.noisy)
+    size = round(out["summary_by_method"]["jest"]["distinct_trained"]["mean"])
+    subsets = {"clean_pairs_only": np.flatnonzero(~noisy),
+               "random_subset_jest_size": np.sort(np.random.default_rng(2).permutation(len(train))[:size])}
+    target, lr, runs = out["summary"]["uniform_final_r1"], out["lr"]["uniform"], {}
+    started = time.perf_counter()
+    for name, ids in subsets.items():
+        per_seed = []
+        for seed in out["seeds"]:
+            run = train_once({}, PairsData(Subset(train, ids.tolist()), held), seed, lr, out["steps"], every)
+            per_seed.append({"seed": seed, **run})
+            print(f"[{time.perf_counter() - started:5.0f} s] {name} seed {seed}: R@1 {run['curve'][-1]['r1']:.3f}",
+                  flush=True)
+        runs[name] = {"examples": len(ids), "lr": lr, "per_seed": per_seed, "summary": summarise(per_seed, target)}
+    return {"what": diagnostics.__doc__, "runs": runs, "machine": machine()}
+
+
+# -------------------------------------------------------------------------------------------------
 # Overhead: forward FLOPs of the scoring pass (independent of the machine's load)
 # -------------------------------------------------------------------------------------------------
 
@@ -529,6 +561,9 @@ def main() -> None:
     parser.add_argument("--overhead-repeats", type=int, default=3)
     parser.add_argument("--lock-wait", type=float, default=60.0, help="seconds to wait for the exclusive CPU lock")
     parser.add_argument("--report", action="store_true", help="print the tables and redraw the plot from the JSON")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="add to the JSON uniform batches on the clean pairs only and on a random subset as large "
+                             "as JEST covers (the learning rates and seeds of the JSON)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON (a trial run: elsewhere)")
     parser.add_argument("--plot", type=Path, default=PLOT)
     args = parser.parse_args()
@@ -543,6 +578,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.diagnostics:
+        out = json.loads(args.out.read_text())
+        out["diagnostics"] = diagnostics(out, args.every)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(json.dumps({k: v["summary"] for k, v in out["diagnostics"]["runs"].items()}, indent=1))
+        return
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     out: dict[str, Any] = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "steps": args.steps,
                            "every": args.every, "batch_size": BATCH, "filter_ratio": FILTER, "noise_fraction": NOISE,
