@@ -1,7 +1,8 @@
 """JEST and CABS against uniform batches on the code-pairs example, at equal examples trained.
 
-    .venv/bin/python benchmarks/joint_selection.py            # ~35 min on 2 shared cores (it takes the CPU lock itself)
-    .venv/bin/python benchmarks/joint_selection.py --report                     # tables and the plot, from the JSON
+    .venv/bin/python benchmarks/joint_selection.py                # 16 min on 2 shared cores (takes the CPU lock itself)
+    .venv/bin/python benchmarks/joint_selection.py --diagnostics  # 2 min: adds two uniform diagnostics to the JSON
+    .venv/bin/python benchmarks/joint_selection.py --report       # tables and the plot, from the JSON
 
 Task: docstring -> code retrieval on the Python standard library's (docstring, function) pairs
 (``batchkit_examples.code_pairs``), trained on the 30%-noisy training split (5,324 pairs, a fixed
@@ -35,7 +36,11 @@ fixed), held-out R@1 / R@10 every ``--every`` steps, and:
   reference (4,000 clean pairs, lr 2e-3), each with 3 seeds; the JEST variants easy-reference and
   hard-learner with one seed; for every run, the share of corrupted pairs trained and how many
   distinct examples were trained;
-* the scoring overhead per step: the training step's thread CPU time (batch stage included) of each
+* ``--diagnostics`` (afterwards, into the same JSON): uniform batches on the clean pairs only (an
+  oracle noise filter) and on a random subset as large as JEST's coverage;
+* the scoring overhead per step: forward FLOPs of JEST's scoring pass against the training step's
+  (``torch.utils.flop_counter.FlopCounterMode`` with formulas for the towers' ``EmbeddingBag``;
+  independent of the machine's load), and the training step's thread CPU time (batch stage included) of each
   method against uniform, the methods interleaved, median over steps and repeats, and the plugins'
   own hook time. The training runs hold the machine's CPU lock (``/tmp/bk-cpu.lock``) shared; the
   timing asks for it exclusively but goes on without it after ``--lock-wait`` seconds (other
@@ -127,7 +132,8 @@ def datasets(split: str) -> tuple[Any, Any, list[Any]]:
     train_pairs, _ = split_pairs(stdlib_pairs())  # the held-out modules are never touched here
     fit_pairs = [p for p in train_pairs if not is_tuning_module(p.module)]
     tune_pairs = [p for p in train_pairs if is_tuning_module(p.module)]
-    return CodePairDataset(fit_pairs, noisy_code_assignment(len(fit_pairs), NOISE, 0)), CodePairDataset(tune_pairs), fit_pairs
+    noisy_fit = CodePairDataset(fit_pairs, noisy_code_assignment(len(fit_pairs), NOISE, 0))
+    return noisy_fit, CodePairDataset(tune_pairs), fit_pairs
 
 
 class PairsData:
@@ -153,7 +159,8 @@ class PairsData:
         return Data()
 
 
-def train_reference(pairs: list[Any], size: int, path: Path, lr: float, steps: int = 300, seed: int = 0) -> dict[str, Any]:
+def train_reference(pairs: list[Any], size: int, path: Path, lr: float, steps: int = 300,
+                    seed: int = 0) -> dict[str, Any]:
     """JEST's reference: the example's recipe (same architecture, ``size`` clean pairs picked by
     ``np.random.default_rng(1)``, as ``code_pair_datasets(train_subset_size=...)`` does, batch 64)."""
     import lightning.pytorch as pl
@@ -205,11 +212,13 @@ def reference_quality(path: Path, noisy_train: Any, held: Any) -> dict[str, floa
 # -------------------------------------------------------------------------------------------------
 
 
-def entries_for(method: str, reference: Path | None, filter_ratio: float = FILTER, variant: str = "learnability") -> dict:
+def entries_for(method: str, reference: Path | None, filter_ratio: float = FILTER,
+                variant: str = "learnability") -> dict:
     if method == "uniform":
         return {}
     if method in ("jest", "topk"):
-        return {"jest": {"plugin": "jest", "reference": str(reference), "filter_ratio": filter_ratio, "variant": variant,
+        return {"jest": {"plugin": "jest", "reference": str(reference), "filter_ratio": filter_ratio,
+                         "variant": variant,
                          "selection": "joint" if method == "jest" else "independent_topk",
                          **({"reference": None} if variant == "hard_learner" else {})}}
     if method in ("cabs_dm", "cabs_fm"):
@@ -272,8 +281,9 @@ def train_once(entries: dict, data: PairsData, seed: int, lr: float, steps: int,
     start = time.perf_counter()
     trainer.fit(TwoTowerRetrieval(lr=lr), datamodule=data.module())
     timings = callback.host.timings()
-    hook_ms = sum(t["batchkit_transform_batch"]["total_s"] for name, t in timings.items()
-                  if name != "trained_recorder" and "batchkit_transform_batch" in t) * 1000 / max(1, trainer.global_step)
+    hook_s = sum(t["batchkit_transform_batch"]["total_s"] for name, t in timings.items()
+                 if name != "trained_recorder" and "batchkit_transform_batch" in t)
+    hook_ms = hook_s * 1000 / max(1, trainer.global_step)
     out: dict[str, Any] = {
         "curve": probe.curve, "steps": trainer.global_step, "fit_wall_s": time.perf_counter() - start,
         "ms_per_step": 1000 * statistics.median(probe.wall), "cpu_ms_per_step": 1000 * statistics.median(probe.cpu),
@@ -496,19 +506,25 @@ def scoring_flops(train: Any, reference: Path, repeats: int = 5) -> dict[str, An
 LABELS = {"uniform": "uniform", "topk": "independent top-k", "jest": "JEST (learnability)", "cabs_dm": "CABS-DM",
           "cabs_fm": "CABS-FM", "jest_f0.5": "JEST, f = 0.5", "jest_f0.9": "JEST, f = 0.9",
           "jest_ref4000": "JEST, reference on 4,000 pairs", "jest_easy_reference": "JEST easy-reference (1 seed)",
-          "jest_hard_learner": "JEST hard-learner (1 seed)"}
+          "jest_hard_learner": "JEST hard-learner (1 seed)",
+          "clean_pairs_only": "diagnostic: uniform on the clean pairs only (3,727)",
+          "random_subset_jest_size": "diagnostic: uniform on a random subset of JEST's coverage"}
 
 
 def report(out: dict[str, Any]) -> str:
-    rows = ["| method | lr | final R@1 | final R@10 | mean R@1 over the run | steps to uniform's final R@1 (mean curve; per seed) "
-            "| corrupted pairs trained | distinct examples trained | ms/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s in out["summary_by_method"].items():
+    rows = ["| method | lr | final R@1 | final R@10 | mean R@1 over the run "
+            "| steps to uniform's final R@1 (mean curve; per seed) | corrupted pairs trained "
+            "| distinct examples trained | ms/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows_of = [(name, s, out["runs"][name]["lr"]) for name, s in out["summary_by_method"].items()]
+    rows_of += [(name, r["summary"], r["lr"]) for name, r in out.get("diagnostics", {}).get("runs", {}).items()]
+    for name, s, lr in rows_of:
         per_seed = ", ".join("-" if v is None else str(v) for v in s["iterations_to_uniform_final_per_seed"])
         reach = s["iterations_to_uniform_final"]
         rows.append(
-            f"| {LABELS.get(name, name)} | {out['runs'][name]['lr']:g} | {s['final_r1']['mean']:.3f} ± {s['final_r1']['std']:.3f} "
-            f"| {s['final_r10']['mean']:.3f} | {s['mean_r1_over_run']:.3f} | {'not reached' if reach is None else reach} ({per_seed}) "
-            f"| {100 * s['noisy_share']['mean']:.1f}% | {s['distinct_trained']['mean']:.0f} | {s['ms_per_step']['mean']:.0f} |")
+            f"| {LABELS.get(name, name)} | {lr:g} | {s['final_r1']['mean']:.3f} ± {s['final_r1']['std']:.3f} "
+            f"| {s['final_r10']['mean']:.3f} | {s['mean_r1_over_run']:.3f} "
+            f"| {'not reached' if reach is None else reach} ({per_seed}) | {100 * s['noisy_share']['mean']:.1f}% "
+            f"| {s['distinct_trained']['mean']:.0f} | {s['ms_per_step']['mean']:.0f} |")
     return "\n".join(rows)
 
 
@@ -521,21 +537,25 @@ def plot(out: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"uniform": ("black", "-"), "topk": ("tab:orange", "-"), "jest": ("tab:blue", "-"),
               "cabs_dm": ("tab:green", "-"), "cabs_fm": ("tab:olive", "-"), "jest_ref4000": ("tab:blue", "--"),
-              "jest_f0.5": ("tab:purple", ":"), "jest_f0.9": ("tab:cyan", ":")}
+              "jest_f0.5": ("tab:purple", ":"), "jest_f0.9": ("tab:cyan", ":"),
+              "clean_pairs_only": ("tab:red", "-.")}
+    all_runs = {**out["runs"], **out.get("diagnostics", {}).get("runs", {})}
     target = out["summary"]["uniform_final_r1"]
     for ax, names, title in ((axes[0], METHODS, "the five methods (3 seeds, mean ± std)"),
-                             (axes[1], ("uniform", "jest", "jest_f0.5", "jest_f0.9", "jest_ref4000"), "levers on JEST")):
+                             (axes[1], ("uniform", "jest", "jest_f0.5", "jest_f0.9", "jest_ref4000",
+                                        "clean_pairs_only"), "levers on JEST; an oracle noise filter (dash-dot)")):
         for name in names:
-            if name not in out["runs"]:
+            if name not in all_runs:
                 continue
-            runs = out["runs"][name]["per_seed"]
+            runs = all_runs[name]["per_seed"]
             steps = [p["step"] for p in runs[0]["curve"]]
             values = [[r["curve"][i]["r1"] for r in runs] for i in range(len(steps))]
             mean = [statistics.fmean(v) for v in values]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             color, line = styles.get(name, ("gray", "-"))
             ax.plot(steps, mean, line, color=color, label=LABELS.get(name, name))
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.12)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.12)
         ax.axhline(target, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("optimizer step (64 examples trained per step)")
         ax.set_ylabel("held-out R@1 (docstring -> code, 830 pairs)")
@@ -626,7 +646,8 @@ def main() -> None:
         for method in METHODS:
             tuning[method] = {}
             for lr in LR_GRID:
-                run = train_once(entries_for(method, paths["tune"]), PairsData(tune_train, tune_val), 0, lr, args.steps, args.steps)
+                run = train_once(entries_for(method, paths["tune"]), PairsData(tune_train, tune_val), 0, lr,
+                                 args.steps, args.steps)
                 tuning[method][f"{lr:g}"] = run["curve"][-1]["r1"]
                 log(f"[tune] {method} lr {lr:g}: R@1 {run['curve'][-1]['r1']:.3f}")
         lrs = {m: float(max(t, key=lambda k: t[k])) for m, t in tuning.items()}
@@ -642,7 +663,8 @@ def main() -> None:
     plan["jest_f0.5"] = (entries_for("jest", paths["final"], 0.5), lrs["jest"], args.seeds)
     plan["jest_f0.9"] = (entries_for("jest", paths["final"], 0.9), lrs["jest"], args.seeds)
     plan["jest_ref4000"] = (entries_for("jest", paths["strong"]), lrs["jest"], args.seeds)
-    plan["jest_easy_reference"] = (entries_for("jest", paths["final"], variant="easy_reference"), lrs["jest"], args.seeds[:1])
+    plan["jest_easy_reference"] = (entries_for("jest", paths["final"], variant="easy_reference"), lrs["jest"],
+                                   args.seeds[:1])
     plan["jest_hard_learner"] = (entries_for("jest", None, variant="hard_learner"), lrs["jest"], args.seeds[:1])
     runs: dict[str, Any] = {}
     for name, (entries, lr, seeds) in plan.items():
