@@ -183,6 +183,21 @@ class CABSSelection(Plugin):
             "(a callable batch -> list of concept lists; in YAML 'package.module:function').")
         return concept_lists(self.name, value, n, f"the field {self.concepts_field!r}")
 
+    def _check_some_concepts(self, per_rank: list[list[list[Any]]]) -> None:
+        """At the run's first selection, refuse a super-batch in which no example has a concept: the
+        field or ``concepts_fn`` is almost surely the wrong one, and selection would silently be
+        random (DM's fill) or the first b (FM). Later such super-batches are data: DM fills them at
+        random, which ``greedy_share`` shows."""
+        if self.selections or any(c for rank in per_rank for c in rank):
+            return
+        source = "concepts_fn(batch)" if self.concepts_fn is not None else f"the field {self.concepts_field!r}"
+        raise PluginError(
+            f"cabs: no example of the first super-batch has any concept ({source} gave "
+            f"{sum(map(len, per_rank))} empty lists), so CABS-{self.variant.upper()} would select without "
+            "concepts. Point concepts_field at the field that holds each example's concept names, or make "
+            "concepts_fn return them"
+        )
+
     @hookimpl
     def batchkit_transform_batch(self, batch: Any, ctx: Any) -> Any:
         plan = ctx.super_batch
@@ -196,6 +211,7 @@ class CABSSelection(Plugin):
         n = spec.num_samples(batch)
         concepts = self.concepts_of(batch, n)
         if self.variant == "fm":
+            self._check_some_concepts([concepts])
             chosen = cabs_fm(concepts, keep)
             self.greedy += keep
         else:
@@ -203,6 +219,7 @@ class CABSSelection(Plugin):
                 per_rank, rank = dist.all_gather_object(concepts), dist.get_rank()
             else:
                 per_rank, rank = [concepts], 0
+            self._check_some_concepts(per_rank)  # on what every rank gathered: all ranks raise together
             picked = cabs_dm_rank(per_rank, rank, keep * len(per_rank), max_freq=self.max_freq,
                                   min_per_concept=self.min_per_concept,
                                   generator=step_generator(self.seed, ctx.global_step, ctx.micro_step, ctx.rank))

@@ -125,6 +125,29 @@ def test_a_batch_without_concepts_is_refused_naming_the_option(tmp_path: Path) -
         fit(tmp_path, [CABSSelection(concepts_fn=lambda batch: torch.ones(40, 2, 2))], epochs=1)
 
 
+@pytest.mark.parametrize("variant", ["dm", "fm"])
+def test_a_first_super_batch_with_no_concept_at_all_is_refused(tmp_path: Path, variant: str) -> None:
+    """The field is there but every list is empty (a wrong field or concepts_fn): refused before any
+    training step, where it would otherwise silently select at random (DM) or the first b (FM)."""
+    module = TinyTwoTower()
+    with pytest.raises(PluginError, match=rf"(?s)cabs: no example of the first super-batch has any concept "
+                                          rf"\(concepts_fn\(batch\) gave 40 empty lists\).*CABS-{variant.upper()}.*"
+                                          r"Point concepts_field at .*concepts_fn"):
+        fit(tmp_path, [CABSSelection(variant=variant, concepts_fn=lambda batch: [[]] * 40)], module=module,
+            epochs=1)
+    assert module.seen == []
+    # a later super-batch without concepts is data: DM fills it at random, and the run goes on
+    calls = []
+
+    def first_has_concepts(batch: dict) -> list[list[str]]:
+        calls.append(1)
+        return [["x"] if len(calls) == 1 and i == 0 else [] for i in range(len(batch["index"]))]
+
+    plugin = CABSSelection(variant=variant, concepts_fn=first_has_concepts)
+    fit(tmp_path / "later", [plugin], epochs=1)
+    assert plugin.selections == len(calls) > 1
+
+
 @pytest.mark.parametrize("f", [0.0, 1.0, 2.0])
 def test_a_filter_ratio_outside_0_1_is_refused(f: float) -> None:
     with pytest.raises(ValueError, match=r"cabs: filter_ratio must be in \(0, 1\)"):
