@@ -7,8 +7,12 @@
 * :mod:`batchkit_joint_selection.cabs`: CABS (Ghosh et al. 2026). CABS-FM (most concepts) and
   CABS-DM (greedy concept balance with targets and a per-GPU frequency cap), on concept labels only.
 
-Both are pure functions (tensors or lists in, indices out). The ``jest`` and ``cabs`` plugins that
-run them on the host's super-batches come in phase 2.
+The plugins that run them on the host's super-batches (entry points ``jest`` and ``cabs``):
+
+* :class:`~batchkit_joint_selection.jest_plugin.JESTSelection` (``jest``);
+* :class:`~batchkit_joint_selection.cabs_plugin.CABSSelection` (``cabs``).
+
+:mod:`batchkit_joint_selection.testing` has a tiny synthetic two-tower task that offers what both need.
 """
 
 from batchkit_joint_selection.cabs import ConceptTable
@@ -21,6 +25,7 @@ from batchkit_joint_selection.cabs import concept_table
 from batchkit_joint_selection.cabs import concept_targets
 from batchkit_joint_selection.cabs import dm_gains
 from batchkit_joint_selection.cabs import rank_shares
+from batchkit_joint_selection.cabs_plugin import CABSSelection
 from batchkit_joint_selection.jest import VARIANTS
 from batchkit_joint_selection.jest import conditional_logits
 from batchkit_joint_selection.jest import gumbel_noise
@@ -30,12 +35,15 @@ from batchkit_joint_selection.jest import independent_topk
 from batchkit_joint_selection.jest import joint_sample
 from batchkit_joint_selection.jest import learnability_matrix
 from batchkit_joint_selection.jest import siglip_pair_losses
+from batchkit_joint_selection.jest_plugin import JESTSelection
 
 
 __all__ = [
     "VARIANTS",
+    "CABSSelection",
     "ConceptTable",
     "DMSelection",
+    "JESTSelection",
     "cabs_dm",
     "cabs_dm_rank",
     "cabs_fm",
