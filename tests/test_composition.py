@@ -75,12 +75,18 @@ def _optimizer_is(name: str) -> Callable[[Any, Any], bool]:
 
 
 PROFILES: dict[str, Profile] = {
+    # the labels stand in for one concept per example; batches of 8 are chosen from super-batches of 16
+    "cabs": Profile({"filter_ratio": 0.5, "concepts_field": "1"}, lambda p, t: p.selections > 0,
+                    "batches were chosen from super-batches by concept"),
     "hard_batches": Profile({"delta": 0.5}, lambda p, t: p.applied_upto > 0, "rounds were chosen from the loss table"),
     "selective_backprop": Profile({"keep": 0.5, "start": 0.0, "end": 1.0, "interrupt": 0},
                                   lambda p, t: p.selected_batches > 0, "batches were pruned"),
     # the labels stand in for source ids (3 sources); batches of 8 are chosen from large batches of 16
     "colm": Profile({"source_field": "1"}, lambda p, t: p.normalizer.t > 0, "coresets were chosen from large batches"),
     "moe_lbl": Profile({"coefficient": 0.01}, lambda p, t: p.last_layer_losses is not None, "the LBL term was added"),
+    # pairs of (input, label) embedded by TinyMoEModule's two-tower protocol, a fresh one as reference
+    "jest": Profile({"filter_ratio": 0.5, "n_chunks": 4, "reference": "batchkit.testing:TinyMoEModule", "index_field": "2"},
+                    lambda p, t: p.selections > 0, "batches were sampled jointly from super-batches"),
     "lamb": Profile({}, _optimizer_is("Lamb"), "the optimizer is Lamb"),
     "lars": Profile({}, _optimizer_is("Lars"), "the optimizer is Lars"),
     "mixup": Profile({"num_classes": 3}, lambda p, t: p.last_lambda is not None, "batches were mixed"),
