@@ -129,11 +129,14 @@ class MutableCollate:
 
     def __call__(self, samples: list[Any]) -> Any:
         meta = getattr(samples, "meta", _NO_META)
-        token = _current_meta.set(meta)
-        try:
+        if meta is _NO_META:  # a plain index list: batch_meta() already reads the empty mapping
             batch = self.collate_fn(samples)
-        finally:
-            _current_meta.reset(token)
+        else:
+            token = _current_meta.set(meta)
+            try:
+                batch = self.collate_fn(samples)
+            finally:
+                _current_meta.reset(token)
         if type(batch) is tuple:
             return list(batch)
         return batch

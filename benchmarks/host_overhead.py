@@ -10,7 +10,8 @@ far less than wall time; wall-clock ratios are reported beside it.
     python benchmarks/host_overhead.py [--repeats 7] [--epochs 4]
 
 Writes benchmarks/results/host_overhead.json with ``overhead_ratio`` = callback step time / plain
-step time (median over repeats).
+step time (median over repeats), ``empty_callback_ratio`` (a do-nothing Lightning callback: the
+yardstick) and ``bare_host_ratio`` (BatchKitCallback with no plugin: the host's own share).
 """
 
 from __future__ import annotations
@@ -122,15 +123,16 @@ class EmptyCallback(pl.Callback):
 
 
 def run(side: str, data: TensorDataset, epochs: int, hidden: int, batch_size: int) -> tuple[StepTimer, dict]:
-    """side: "plain" (no extra callback), "empty" (a do-nothing callback), "batchkit" (3 plugins)."""
+    """side: "plain" (no extra callback), "empty" (a do-nothing callback), "bare" (BatchKitCallback
+    with no plugin: the host's own work), "batchkit" (3 pass-through plugins)."""
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     kit = None
     if side == "empty":
         callbacks.insert(0, EmptyCallback())
-    if side == "batchkit":
-        kit = BatchKitCallback({f"pass{i}": PassThrough() for i in range(3)})
+    if side in ("bare", "batchkit"):
+        kit = BatchKitCallback({f"pass{i}": PassThrough() for i in range(3 if side == "batchkit" else 0)})
         callbacks.insert(0, kit)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,
@@ -157,36 +159,39 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(args.samples, args.dim, generator=g), torch.randint(0, 10, (args.samples,), generator=g))
-    sides = ("plain", "empty", "batchkit")
+    sides = ("plain", "empty", "bare", "batchkit")
     for side in sides:
         run(side, data, 2, args.hidden, args.batch_size)  # warm up every code path once
     timers: dict[str, list[StepTimer]] = {side: [] for side in sides}
     hook_seconds: dict = {}
     for i in range(args.repeats):
         # rotate which side goes first so drift in machine speed hits all sides alike
-        for side in sides[i % 3:] + sides[: i % 3]:
+        for side in sides[i % len(sides):] + sides[: i % len(sides)]:
             timer, per_plugin = run(side, data, args.epochs, args.hidden, args.batch_size)
             timers[side].append(timer)
             if side == "batchkit":
                 hook_seconds = per_plugin
-        p, e, k = (timers[s][-1].cpu for s in sides)
-        print(f"repeat {i}: cpu ms/step plain {1e3 * p:.3f}, empty callback {1e3 * e:.3f}, batchkit {1e3 * k:.3f} "
-              f"(ratio {k / p:.4f})")
+        p, e, b, k = (timers[s][-1].cpu for s in sides)
+        print(f"repeat {i}: cpu ms/step plain {1e3 * p:.3f}, empty callback {1e3 * e:.3f}, bare host {1e3 * b:.3f}, "
+              f"batchkit {1e3 * k:.3f} (ratio {k / p:.4f})")
     plain, kit, empty = timers["plain"], timers["batchkit"], timers["empty"]
     ratios = [k.cpu / p.cpu for k, p in zip(kit, plain)]
     wall_ratios = [k.wall / p.wall for k, p in zip(kit, plain)]
     empty_ratios = [e.cpu / p.cpu for e, p in zip(empty, plain)]
+    bare_ratios = [b.cpu / p.cpu for b, p in zip(timers["bare"], plain)]
     batches = -(-args.samples // args.batch_size)
     steps = (args.epochs - 1) * batches
     result = {
         "overhead_ratio": statistics.median(ratios),
         "overhead_ratio_wall": statistics.median(wall_ratios),
         "empty_callback_ratio": statistics.median(empty_ratios),
+        "bare_host_ratio": statistics.median(bare_ratios),
         "plain_step_ms": 1e3 * statistics.median(p.cpu for p in plain),
         "batchkit_step_ms": 1e3 * statistics.median(k.cpu for k in kit),
         "ratios": ratios,
         "wall_ratios": wall_ratios,
         "empty_callback_ratios": empty_ratios,
+        "bare_host_ratios": bare_ratios,
         "hook_ms_per_step_per_plugin": {k: 1e3 * v / (args.epochs * batches) for k, v in hook_seconds.items()},
         "timed_steps_per_run": steps,
         "repeats": args.repeats,

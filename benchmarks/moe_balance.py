@@ -239,7 +239,7 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
         for _ in range(steps_per_block):
             idx = torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)
             window = torch.stack([train[int(i)][0] for i in idx])
-            host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx)
+            host.notify("batchkit_before_forward", batch=window, module=model, ctx=host.ctx)
             logits = ddp(window[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
             loss = host.chain("batchkit_transform_loss", loss, outputs=loss, batch=window, module=model, ctx=host.ctx)
@@ -432,7 +432,7 @@ def profile_hooks(label: str, steps: int = 20, accumulate: int = 8, every: int =
                 window = torch.stack([train[int(i)][0] for i in torch.randint(len(train), (TRAIN["micro_batch"],), generator=gen)])
                 host.ctx.is_last_micro_batch = micro == accumulate - 1
                 _, ops_b, reads_b = count_ops(functools.partial(
-                    host.chain, "batchkit_transform_batch", window, module=model, ctx=host.ctx))
+                    host.notify, "batchkit_before_forward", batch=window, module=model, ctx=host.ctx))
                 logits, hook_ops, _ = count_ops(functools.partial(model, window[:, :-1]), within="moe_lbl.router_hook")
                 loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
                 total, ops_l, reads_l = count_ops(functools.partial(
@@ -509,7 +509,7 @@ def cpu_per_step(model: Any, train: Any, rounds: int = 40, steps: int = 10) -> d
 
     def step(host: Any, window: Any) -> None:
         if host is not None:
-            host.chain("batchkit_transform_batch", window, module=model, ctx=host.ctx)
+            host.notify("batchkit_before_forward", batch=window, module=model, ctx=host.ctx)
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
         if host is not None:
