@@ -287,8 +287,9 @@ class HardNegativeCollate:
             stacked = self.inner([self.dataset[int(j)] for j in negatives.ravel()])
             for name in self.fields:
                 if not isinstance(stacked, dict) or name not in stacked:
+                    have = sorted(stacked) if isinstance(stacked, dict) else "-"
                     raise _error("hard_negative_fields", f"the collated batch has no field {name!r}",
-                                 f"name fields of the batch dict (here: {sorted(stacked) if isinstance(stacked, dict) else '-'})")
+                                 f"name fields of the batch dict (here: {have})")
                 value = stacked[name]
                 if not isinstance(value, torch.Tensor):
                     raise _error("hard_negative_fields", f"field {name!r} is a {type(value).__name__}, not a tensor",

@@ -105,7 +105,8 @@ def test_subset_datasets_are_read_through(artefact_cache: Path) -> None:
     direct = B3Plugin(**SMALL)
     texts = base.texts[10:106]
     assert plugin.clusters.shape == (24, 4) and plugin.report["n"] == 96
-    assert plugin.embeddings_key == ArtifactCache(artefact_cache).key("b3-embeddings", direct._spec().identity, texts, None)
+    expected = ArtifactCache(artefact_cache).key("b3-embeddings", direct._spec().identity, texts, None)
+    assert plugin.embeddings_key == expected
 
 
 # -- the artefact cache ----------------------------------------------------------------------------
