@@ -81,7 +81,7 @@ def is_dev_module(module: str) -> bool:
 
 def b3_options(arm: str, variants: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     extra = variants.get(arm, ARMS.get(arm, (0, None))[1])
-    return None if extra is None else {**B3_COMMON, **extra}
+    return None if extra is None else {**B3_COMMON, **{k: v for k, v in extra.items() if k != "batch_size"}}
 
 
 def batch_size_of(arm: str, variants: dict[str, dict[str, Any]]) -> int:
@@ -95,7 +95,7 @@ def mine_timed(train: Any, cache_dir: Path, options: dict[str, Any]) -> dict[str
     from batchkit.cache import ArtifactCache
     from batchkit.host import BatchKitContext
 
-    plugin = B3Plugin(**{k: v for k, v in options.items() if k != "batch_size"})
+    plugin = B3Plugin(**options)
     started = time.perf_counter()
     plugin.batchkit_prepare_data(train, ArtifactCache(cache_dir), BatchKitContext())
     return {**plugin.report, "wall_s": time.perf_counter() - started}
@@ -288,8 +288,9 @@ def batch_hardness(train: Any, cache_dir: Path, mining: dict[str, Any], batch_si
                              "expected_top_p": p * (b - 1) / (n - 1)}
     clusters = np.asarray(cache.load(mined["keys"]["clusters"])["clusters"])
     k = clusters.shape[1]
-    sampler = ClusterBatchSampler(None, clusters, clusters_per_batch=64 // k, seed=0, shuffle=True)
-    out["b3_64"] = count([list(batch) for batch in sampler])
+    for b in batch_sizes:
+        sampler = ClusterBatchSampler(None, clusters, clusters_per_batch=b // k, seed=0, shuffle=True)
+        out[f"b3_{b}"] = count([list(batch) for batch in sampler])
     return out
 
 

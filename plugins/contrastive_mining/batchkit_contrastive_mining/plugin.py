@@ -335,9 +335,12 @@ class B3Plugin(Plugin):
 
     name = "b3"
     global_batches = True
-    # hard_batches keeps a fixed partition of per-rank mini-batches and multigrid regroups batches
-    # into other sizes every iteration: either would cut b3's global batches of whole clusters.
-    conflicts = ("hard_batches", "multigrid")
+    # b3 decides which samples are trained together; a plugin that changes that would undo it:
+    # hard_batches (its own fixed partition of per-rank mini-batches), multigrid (regroups batches
+    # into other sizes every iteration), and the batch-stage selectors that train a subset of the
+    # loaded batch (jest, cabs, colm from a super-batch; selective_backprop by loss), so the trained
+    # batch would no longer be whole clusters.
+    conflicts = ("hard_batches", "multigrid", "jest", "cabs", "colm", "selective_backprop")
 
     def __init__(
         self,

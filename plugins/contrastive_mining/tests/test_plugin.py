@@ -225,6 +225,20 @@ def test_resuming_with_other_options_is_refused(artefact_cache: Path) -> None:
     assert np.array_equal(same.clusters, first.clusters)
 
 
+@pytest.mark.parametrize("other", ["hard_batches", "selective_backprop"])
+def test_plugins_that_change_the_batches_members_are_refused_before_training(tmp_path: Path, other: str) -> None:
+    from batchkit import PluginConflictError
+
+    pytest.importorskip("batchkit_hard_samples")
+    plugins = build_plugins({"b3": {"plugin": "b3", **SMALL}, "other": {"plugin": other}})
+    module = testing.TinyPairModule()
+    trainer = make_trainer(tmp_path, [BatchKitCallback(plugins)], max_epochs=1)
+    start = testing.TEACHER_CALLS[0]
+    with pytest.raises(PluginConflictError, match=rf"'b3' \(b3\) declares a conflict with 'other' \({other}\)"):
+        trainer.fit(module, testing.pair_loader(96, batch_size=8))
+    assert module.seen == [] and testing.TEACHER_CALLS[0] == start  # before mining, before any batch
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
