@@ -161,6 +161,15 @@ batchkit:
     assert testing.TEACHER_CALLS[0] - start == 96 and "3 artefact(s)" in capsys.readouterr().out
 
 
+def test_the_example_config_passes_the_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchkit.cli import main
+
+    pytest.importorskip("batchkit_examples.code_pairs")
+    example = Path(__file__).resolve().parents[3] / "examples" / "b3_code_pairs.yaml"
+    assert main(["plugins", "--config", str(example)]) == 0
+    assert "1 plugin(s) built, no declared conflicts" in capsys.readouterr().out
+
+
 # -- hard negatives --------------------------------------------------------------------------------
 
 
