@@ -352,7 +352,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300],
                         help="budgets in optimizer steps; the first one gives the summary")
     parser.add_argument("--every", type=int, nargs="+", default=[10, 25], help="evaluation interval per budget")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), help="built-in arms (none: only --variants)")
     parser.add_argument("--variants", default="{}",
                         help='extra arms as JSON: {"name": {b3 options, "batch_size": 64}}')
     parser.add_argument("--skip-tuning", action="store_true", help="use --lr (or 8e-3) instead of tuning")
