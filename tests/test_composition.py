@@ -75,6 +75,11 @@ def _optimizer_is(name: str) -> Callable[[Any, Any], bool]:
 
 
 PROFILES: dict[str, Profile] = {
+    # the inputs stand in for the teacher's embeddings: clusters of 8 mutually-near samples, one per batch
+    "b3": Profile({"queries": "x", "K": 8, "p": 2, "m": 10, "progress": False},
+                  lambda p, t: p.batches_planned > 0 and all(
+                      sorted(b) in [sorted(c) for c in p.clusters.tolist()] for b in t.lightning_module.seen),
+                  "every batch trained was one whole mined cluster"),
     # the labels stand in for one concept per example; batches of 8 are chosen from super-batches of 16
     "cabs": Profile({"filter_ratio": 0.5, "concepts_field": "1"}, lambda p, t: p.selections > 0,
                     "batches were chosen from super-batches by concept"),
@@ -107,7 +112,7 @@ def _fit(tmp_path: Path, names: list[str]) -> tuple[dict[str, Any], Any, TinyMoE
     plugins = build_plugins(entries)
     images = any(PROFILES[n].images for n in names)
     module = ImageMoEModule() if images else TinyMoEModule()
-    trainer = make_trainer(tmp_path, [BatchKitCallback(plugins)], max_epochs=3,
+    trainer = make_trainer(tmp_path, [BatchKitCallback(plugins, cache_dir=tmp_path / "cache")], max_epochs=3,
                            **{k: v for n in names for k, v in PROFILES[n].trainer.items()})
     data = IndexedImages(n=48, noise=0.8) if images else IndexedDataset(n=48, noise=0.8)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True))
