@@ -191,13 +191,20 @@ def test_chain_table_shows_tiers_and_the_list_overrides(tmp_path: Path, capsys: 
         ("transform_loss", "tryfirst", "0", "hard (hard_batches)"),
         ("transform_loss", "ordinary", "-100", "lbl (moe_lbl)"),
     ]
-    # ... nor a trylast implementation before an ordinary one
-    assert [r for r in table if r[0] == "transform_batch"] == [
+    assert [r for r in table if r[0] in ("transform_batch", "before_forward")] == [
         ("transform_batch", "ordinary", "0", "mix (mixup)"),
-        ("transform_batch", "trylast", "-100", "lbl (moe_lbl)"),
+        ("before_forward", "ordinary", "-100", "lbl (moe_lbl)"),
     ]
     assert not any("sb" in r[3] for r in table)  # switched off by the flag-form override
     assert "sorts only within a tier" in " ".join(chains.split())
+
+    # the trylast tier is shown too, whatever the order (multigrid wraps the batch sampler last)
+    path.write_text("batchkit:\n  plugins:\n    mg: {plugin: multigrid, order: -100, baseline_epochs: 2, baseline_lr_milestones: [1]}\n")
+    rc, out, err = run(["plugins", "--config", str(path)], capsys)
+    assert rc == 0, err
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 5]
+    assert ["wrap_batch_sampler", "trylast", "-100", "mg (multigrid)"] in rows
+    assert ["wrap_collate", "tryfirst", "-100", "mg (multigrid)"] in rows
     assert "no `model` section, so no setup checks against a module ran" in " ".join(chains.split())
 
 
