@@ -10,17 +10,14 @@ LBL twice (the plugin refuses that configuration). Needs ``transformers`` (impor
 
 from __future__ import annotations
 
-from typing import Any
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
 
-from batchkit_examples.moe_lm import DOMAINS
-from batchkit_examples.moe_lm import warmup_cosine_adamw
+from batchkit_examples.moe_lm import ByteLanguageModel
 
 
-class HFMoELanguageModel(pl.LightningModule):
+class HFMoELanguageModel(ByteLanguageModel):
     """``AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))`` trained on byte
     windows: the loss is the model's own next-byte cross-entropy (nats per byte).
 
@@ -42,15 +39,3 @@ class HFMoELanguageModel(pl.LightningModule):
         # labels = inputs: the model shifts them, predicting byte t + 1 from bytes 0..t
         return self.model(input_ids=window, labels=window).loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        window, _domain = batch
-        loss = self.lm_loss(window)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        window, _domain = batch
-        self.log(f"val_loss/{DOMAINS[dataloader_idx]}", self.lm_loss(window), add_dataloader_idx=False, batch_size=len(window))
-
-    def configure_optimizers(self) -> Any:
-        return warmup_cosine_adamw(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)

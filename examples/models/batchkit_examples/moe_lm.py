@@ -210,7 +210,29 @@ class Block(nn.Module):
         return x + self.moe(self.norm2(x))
 
 
-class MoELanguageModel(pl.LightningModule):
+class ByteLanguageModel(pl.LightningModule):
+    """Training and validation on the two-domain byte windows, for any ``lm_loss(window)`` (nats per
+    byte); AdamW with warm-up and cosine decay from the hyper-parameters ``lr``, ``weight_decay`` and
+    ``warmup_steps``."""
+
+    def lm_loss(self, window: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        window, _domain = batch
+        loss = self.lm_loss(window)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        window, _domain = batch
+        self.log(f"val_loss/{DOMAINS[dataloader_idx]}", self.lm_loss(window), add_dataloader_idx=False, batch_size=len(window))
+
+    def configure_optimizers(self) -> Any:
+        return warmup_cosine_adamw(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
+
+
+class MoELanguageModel(ByteLanguageModel):
     """Byte-level MoE transformer LM.
 
     :param activation_checkpointing: ``None``, ``"non_reentrant"`` or ``"reentrant"``: recompute each
@@ -245,18 +267,6 @@ class MoELanguageModel(pl.LightningModule):
         logits = self(window[:, :-1])
         return F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        window, _domain = batch
-        loss = self.lm_loss(window)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        window, _domain = batch
-        self.log(f"val_loss/{DOMAINS[dataloader_idx]}", self.lm_loss(window), add_dataloader_idx=False, batch_size=len(window))
-
-    def configure_optimizers(self) -> Any:
-        return warmup_cosine_adamw(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
 
 
 def warmup_cosine_adamw(module: pl.LightningModule, lr: float, weight_decay: float, warmup: int) -> dict[str, Any]:
