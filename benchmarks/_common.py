@@ -6,6 +6,7 @@ import fcntl
 import os
 import platform
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,14 +25,62 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": 
 
 
 @contextmanager
-def cpu_lock(exclusive: bool) -> Iterator[None]:
-    """Hold :data:`CPU_LOCK` (exclusively for timing, shared for training) for the block."""
+def cpu_lock(exclusive: bool, wait_s: float | None = None) -> Iterator[bool]:
+    """Hold :data:`CPU_LOCK` (exclusively for timing, shared for training) for the block; yields
+    whether it was acquired. With ``wait_s`` the block runs without it after that many seconds
+    (other jobs may hold the lock for hours); without, it waits as long as it takes."""
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     with open(CPU_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        acquired = False
+        if wait_s is None:
+            fcntl.flock(handle, mode)
+            acquired = True
+        else:
+            deadline = time.monotonic() + wait_s
+            while not acquired:
+                try:
+                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                    acquired = True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(2.0)
         try:
-            yield
+            yield acquired
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if acquired:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def retrieval_probe(metrics: tuple[str, ...] = ("r1", "r10")) -> Any:
+    """A Lightning callback for the retrieval benchmarks: each training batch's wall and thread-CPU
+    time from its start to its end (``wall``, ``cpu``, ``train_s``; loading and evaluation
+    excluded) and, at every validation, the named ``val/<metric>`` figures with the step (``curve``)."""
+    import lightning.pytorch as pl  # only the benchmarks that train import Lightning
+
+    class RetrievalProbe(pl.Callback):
+        def __init__(self) -> None:
+            self.wall: list[float] = []
+            self.cpu: list[float] = []
+            self.curve: list[dict[str, float]] = []
+
+        @property
+        def train_s(self) -> float:
+            return sum(self.wall)
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._t = (time.perf_counter(), time.thread_time())
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.wall.append(time.perf_counter() - self._t[0])
+            self.cpu.append(time.thread_time() - self._t[1])
+
+        def on_validation_end(self, trainer: Any, module: Any) -> None:
+            if not trainer.sanity_checking:
+                m = trainer.callback_metrics
+                self.curve.append({"step": trainer.global_step, **{k: float(m[f"val/{k}"]) for k in metrics}})
+
+    return RetrievalProbe()
 
 
 def reexec_with_stable_malloc() -> None:

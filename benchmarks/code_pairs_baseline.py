@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import retrieval_probe  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
@@ -66,30 +67,10 @@ def train_once(batch_size: int, noise: float, seed: int, steps: int, every: int,
 
     from batchkit.lightning import BatchKitCallback
 
-    class Probe(pl.Callback):
-        """Training time only: from each batch's start to its end (loading and evaluation excluded)."""
-
-        def __init__(self) -> None:
-            self.train_s = 0.0
-            self.curve: list[dict[str, float]] = []
-
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            self.train_s += time.perf_counter() - self._t0
-
-        def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            if trainer.sanity_checking:
-                return
-            m = trainer.callback_metrics
-            self.curve.append({"step": trainer.global_step, **{k.removeprefix("val/"): float(m[k]) for k in
-                               ("val/r1", "val/r10", "val/r1_code2doc", "val/r10_code2doc")}})
-
     pl.seed_everything(seed, verbose=False)
     model = TwoTowerRetrieval(lr=lr)
     data = CodePairsDataModule(batch_size=batch_size, noise_fraction=noise, seed=0)  # the same noisy set for every seed
-    probe = Probe()
+    probe = retrieval_probe(("r1", "r10", "r1_code2doc", "r10_code2doc"))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,

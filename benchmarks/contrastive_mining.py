@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import retrieval_probe  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
@@ -112,26 +113,10 @@ def train_once(train: Any, val: Any, batch_size: int, b3: dict[str, Any] | None,
 
     from batchkit.lightning import BatchKitCallback
 
-    class Probe(pl.Callback):
-        def __init__(self) -> None:
-            self.train_s = 0.0
-            self.curve: list[dict[str, float]] = []
-
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            self.train_s += time.perf_counter() - self._t0
-
-        def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            if not trainer.sanity_checking:
-                m = trainer.callback_metrics
-                self.curve.append({"step": trainer.global_step, "r1": float(m["val/r1"]), "r10": float(m["val/r10"])})
-
     pl.seed_everything(seed, verbose=False)
     model = TwoTowerRetrieval(lr=lr)
     plugins = [] if b3 is None else [B3Plugin(**b3)]
-    probe = Probe()
+    probe = retrieval_probe()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,

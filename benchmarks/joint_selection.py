@@ -52,8 +52,6 @@ Writes benchmarks/results/joint_selection.json and docs/methods/joint_selection_
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -66,16 +64,16 @@ import warnings
 import zlib
 from pathlib import Path
 from typing import Any
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import cpu_lock  # noqa: E402
+from _common import retrieval_probe  # noqa: E402
 from _common import machine  # noqa: E402
 from _common import reexec_with_stable_malloc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "joint_selection.json"
 PLOT = ROOT / "docs" / "methods" / "joint_selection_curves.png"
-LOCK = "/tmp/bk-cpu.lock"  # the machine's CPU lock: timing holds it exclusively, training shared
 LR_GRID = [2e-3, 4e-3, 8e-3]  # a first pass with [4e-3, 8e-3, 1.6e-2]: every method chose 4e-3 and did worst at 1.6e-2
 BATCH, NOISE, FILTER = 64, 0.3, 0.8
 METHODS = ("uniform", "topk", "jest", "cabs_dm", "cabs_fm")
@@ -85,28 +83,6 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def cpu_lock(exclusive: bool, wait_s: float = 600.0) -> Iterator[bool]:
-    """Hold the machine's CPU lock; yields whether it was acquired within ``wait_s``."""
-    with open(LOCK, "a") as handle:
-        deadline = time.monotonic() + wait_s
-        acquired = False
-        while True:
-            try:
-                fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                acquired = True
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(2.0)
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -250,29 +226,9 @@ def train_once(entries: dict, data: PairsData, seed: int, lr: float, steps: int,
             self.ids += batch["index"].tolist()
             self.noisy += int(batch["noisy"].sum())
 
-    class Probe(pl.Callback):
-        """Step time from batch start to end (the batch stage included; loading and evaluation not)."""
-
-        def __init__(self) -> None:
-            self.wall: list[float] = []
-            self.cpu: list[float] = []
-            self.curve: list[dict[str, float]] = []
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._t = (time.perf_counter(), time.thread_time())
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.wall.append(time.perf_counter() - self._t[0])
-            self.cpu.append(time.thread_time() - self._t[1])
-
-        def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            if not trainer.sanity_checking:
-                m = trainer.callback_metrics
-                self.curve.append({"step": trainer.global_step, "r1": float(m["val/r1"]), "r10": float(m["val/r10"])})
-
     pl.seed_everything(seed, verbose=False)
     plugins = build_plugins(entries)
-    recorder, probe = Trained(), Probe()
+    recorder, probe = Trained(), retrieval_probe()
     callback = BatchKitCallback([*plugins, recorder])
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
@@ -633,7 +589,7 @@ def main() -> None:
         args.out.write_text(json.dumps({**out, "partial": True}, indent=1))
 
     # -- learning rates, on the tuning split --------------------------------------------------------
-    shared = cpu_lock(exclusive=False)
+    shared = cpu_lock(exclusive=False, wait_s=600.0)
     shared.__enter__()
     if args.no_tuning and "lr" in previous:
         lrs = previous["lr"]
