@@ -250,12 +250,10 @@ class BatchKitCallback(Callback):
             loaded = count_samples(batch, ctx.batch_spec)
             if has_batch:
                 plan = ctx.super_batch
-                given = batch
                 batch = host.chain("batchkit_transform_batch", batch, after=check_size if plan is not None and plan.active else None,
                                    module=pl_module, ctx=ctx)
-                # a chain that returned the batch it was given (changed in place at most) kept its size,
-                # unless a selecting plugin cut it in place: count again only then
-                trained = loaded if batch is given and not (plan is not None and plan.active) else count_samples(batch, ctx.batch_spec)
+                # counted again: a plugin may cut the (mutable) batch in place and return nothing
+                trained = count_samples(batch, ctx.batch_spec)
             else:
                 trained = loaded
             progress.samples_loaded += loaded

@@ -55,6 +55,27 @@ def test_a_super_batch_plugin_loads_r_times_the_batch_and_training_sees_the_batc
     assert len(set(epoch)) == 32 and max(epoch) < 64
 
 
+class HalveInPlace(Plugin):
+    """Cuts the (mutable, list) batch to its first half in place and returns nothing."""
+
+    name = "halve_in_place"
+
+    @hookimpl
+    def batchkit_transform_batch(self, batch: Any) -> None:
+        half = len(batch[0]) // 2
+        batch[:] = [field[:half] for field in batch]
+
+
+def test_progress_counts_a_batch_cut_in_place(tmp_path: Path) -> None:
+    callback = BatchKitCallback([HalveInPlace()])
+    module = TinyModule()
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1)
+    trainer.fit(module, loader(n=32))
+    assert [len(s) for s in module.seen] == [4] * 4
+    progress = callback.progress
+    assert (progress.samples_loaded, progress.samples_trained, progress.batch_size) == (32, 16, 4)
+
+
 def test_super_batch_factors_multiply_and_each_plugin_keeps_its_share(tmp_path: Path) -> None:
     first, second = KeepLowestIndices(load_factor=2.0), KeepLowestIndices(load_factor=1.5)
     callback = BatchKitCallback({"first": first, "second": second})
