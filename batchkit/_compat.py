@@ -8,6 +8,7 @@ correction of Lightning + DeepSpeed's double loss division under gradient accumu
 from __future__ import annotations
 
 from typing import Any
+from typing import Callable
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -34,15 +35,18 @@ def restore_reload_setting(trainer: Any, previous: int) -> None:
     trainer.reload_dataloaders_every_n_epochs = previous
 
 
-def ends_optimizer_step(trainer: Any, batch_idx: int) -> bool:
-    """Whether the optimizer steps after micro-batch ``batch_idx``: Lightning's rule (every
-    ``accumulate_grad_batches`` and at the epoch's last batch), or, under DeepSpeed, which counts
-    micro-steps over the whole run, the engine's own answer."""
+def optimizer_step_rule(trainer: Any) -> Callable[[int], bool]:
+    """``ends_step(batch_idx)``: whether the optimizer steps after micro-batch ``batch_idx``.
+    Lightning's rule (every ``accumulate_grad_batches`` and at the epoch's last batch), or, under
+    DeepSpeed, which counts micro-steps over the whole run, the engine's own answer. Prepared once
+    per fit (it runs every batch); both numbers are read at each call, since a
+    ``GradientAccumulationScheduler`` or a loader rebuild may change them."""
     strategy = trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy):
-        return bool(strategy.deepspeed_engine.is_gradient_accumulation_boundary())
-    accumulate = trainer.accumulate_grad_batches
-    return (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == trainer.num_training_batches
+        boundary = strategy.deepspeed_engine.is_gradient_accumulation_boundary
+        return lambda batch_idx: bool(boundary())
+    fit_loop = trainer.fit_loop
+    return lambda batch_idx: (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == fit_loop.max_batches
 
 
 def torch_optimizers(trainer: Any) -> list[torch.optim.Optimizer]:

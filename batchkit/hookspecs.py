@@ -25,6 +25,13 @@ Three kinds of hook:
 Pluggy's ``wrapper``/``hookwrapper``/``historic`` options are refused on every hook at registration:
 the host calls implementations itself, in the order above.
 
+How the host calls them: for each hook it prepares, once per plugin list, one function that calls
+every implementation in chain order with the arguments that implementation declares
+(:meth:`batchkit.host.PluginHost.caller`; ``chain`` and ``notify`` use it), so a plugin's per-step
+hook costs about one Python call. An exception raised by an implementation carries a note naming
+the plugin and the hook. Per-plugin timing of every call (``PluginHost.timings``) is off unless
+asked for (``BatchKitCallback(time_hooks=True)`` or ``print_summary=True``), as with a profiler.
+
 The ``ctx`` argument is the host's :class:`batchkit.host.BatchKitContext`: where training stands
 (``ctx.train_progress``: epoch, batch in the epoch, optimizer step, samples trained, the loader's
 lookahead), the micro-step within gradient accumulation, rank and world size, the device, the

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from typing import Callable
 from typing import Mapping
 from typing import Sequence
 
@@ -72,7 +73,10 @@ class BatchKitCallback(Callback):
     :param plugins: plugin instances; or a mapping of named YAML-style entries
         (``{"mix": {"plugin": "mixup", "alpha": 0.2}}``); or a mapping of instance names to plugin
         instances (``{"mix_a": MixupPlugin(...), ...}``), the way to run two instances side by side.
-    :param print_summary: print per-plugin hook overhead at the end of ``fit`` (rank 0).
+    :param print_summary: print per-plugin hook overhead at the end of ``fit`` (rank 0); turns
+        ``time_hooks`` on.
+    :param time_hooks: time every plugin's hook calls (``callback.host.timings()``); off by
+        default, since the clock readings cost more than a light plugin's calls.
     :param batch_spec: how plugins count and select the samples of a batch
         (:class:`batchkit.batch.BatchSpec`, or its YAML form ``{per_sample: [...], shared: [...]}``);
         needed only for batches whose per-sample fields the default rules cannot tell.
@@ -86,9 +90,11 @@ class BatchKitCallback(Callback):
         print_summary: bool = False,
         batch_spec: BatchSpec | Mapping[str, Any] | None = None,
         cache_dir: str | Path | None = None,
+        time_hooks: bool = False,
     ) -> None:
         super().__init__()
         self.host = PluginHost()
+        self.host.time_hooks = time_hooks or print_summary
         if isinstance(plugins, Mapping) and plugins and all(_is_plugin_object(v) for v in plugins.values()):
             for name, plugin in plugins.items():  # {instance name: plugin}
                 self.host.register(plugin, name=name)
@@ -105,6 +111,11 @@ class BatchKitCallback(Callback):
         self._reload_setting: int | None = None  # Trainer setting to put back after a requested rebuild
         self._optimizer_hooks: list[Any] = []
         self._fit_started: float | None = None
+        # the per-step notifications, prepared at the start of each fit (see PluginHost.caller)
+        self._before_optimizer_step: Callable[..., None] | None = None
+        self._step_end: Callable[..., None] | None = None
+        self._ends_step: Callable[[int], bool] | None = None
+        self._pop_meta: Callable[[], Mapping[str, Any]] | None = None  # the train loader's, when there is one
         self.fit_seconds: float | None = None
 
     @classmethod
@@ -194,6 +205,7 @@ class BatchKitCallback(Callback):
 
     def _wrap_loaders(self, loaders: Any) -> Any:
         self._loaders = []  # a reload replaces the previous loaders
+        self._pop_meta = None
 
         def wrap(loader: DataLoader) -> DataLoader:
             new = build_train_loader(loader, self.host, progress=self.progress, prepared=self._prepared, cache=self.cache)
@@ -203,7 +215,11 @@ class BatchKitCallback(Callback):
                 self._loaders.append(new)
             return new
 
-        return apply_to_collection(loaders, DataLoader, wrap)
+        wrapped = apply_to_collection(loaders, DataLoader, wrap)
+        # batch metadata is tracked for a single train loader (with several, which batch Lightning
+        # trains next is its own business)
+        self._pop_meta = self._loaders[0].resumable.pop_meta if len(self._loaders) == 1 else None
+        return wrapped
 
     def _patch_train_dataloader(self, trainer: Trainer, pl_module: LightningModule) -> None:
         source = _compat.train_data_source(trainer)
@@ -231,9 +247,9 @@ class BatchKitCallback(Callback):
         ctx = host.ctx
         progress = ctx.train_progress
         # Fixed for the whole fit: plugins are registered before it starts.
-        has_batch = host.has_impls("batchkit_transform_batch")
-        has_before_forward = host.has_impls("batchkit_before_forward")
-        has_loss = host.has_impls("batchkit_transform_loss")
+        transform_batch = host.caller("batchkit_transform_batch") if host.has_impls("batchkit_transform_batch") else None
+        before_forward = host.caller("batchkit_before_forward") if host.has_impls("batchkit_before_forward") else None
+        transform_loss = host.caller("batchkit_transform_loss") if host.has_impls("batchkit_transform_loss") else None
 
         def check_size(plugin: str, batch: Any) -> None:
             plan = ctx.super_batch
@@ -248,10 +264,10 @@ class BatchKitCallback(Callback):
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
             loaded = count_samples(batch, ctx.batch_spec)
-            if has_batch:
+            if transform_batch is not None:
                 plan = ctx.super_batch
-                batch = host.chain("batchkit_transform_batch", batch, after=check_size if plan is not None and plan.active else None,
-                                   module=pl_module, ctx=ctx)
+                batch = transform_batch(batch=batch, module=pl_module, ctx=ctx,
+                                        after=check_size if plan is not None and plan.active else None)
                 # counted again: a plugin may cut the (mutable) batch in place and return nothing
                 trained = count_samples(batch, ctx.batch_spec)
             else:
@@ -259,14 +275,14 @@ class BatchKitCallback(Callback):
             progress.samples_loaded += loaded
             progress.samples_trained += trained
             progress.batch_size, progress.loaded_batch_size = trained, loaded
-            if has_before_forward:
-                host.notify("batchkit_before_forward", batch=batch, module=pl_module, ctx=ctx)
+            if before_forward is not None:
+                before_forward(batch=batch, module=pl_module, ctx=ctx)
             outputs = original(batch, *args, **kwargs)
-            if not has_loss or outputs is None:
+            if transform_loss is None or outputs is None:
                 return outputs
             if isinstance(outputs, torch.Tensor):
-                return host.chain("batchkit_transform_loss", outputs, outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
-            loss = host.chain("batchkit_transform_loss", outputs["loss"], outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
+                return transform_loss(loss=outputs, outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
+            loss = transform_loss(loss=outputs["loss"], outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
             return {**outputs, "loss": loss}
 
         self._patch(pl_module, "training_step", training_step)
@@ -315,6 +331,8 @@ class BatchKitCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
+        self._before_optimizer_step = self.host.caller("batchkit_before_optimizer_step")
+        self._step_end = self.host.caller("batchkit_step_end")
         self.host.ctx.device = pl_module.device
         self._remove_optimizer_hooks()
         self._install_lr_scale(trainer)
@@ -330,6 +348,7 @@ class BatchKitCallback(Callback):
         # A resume in the middle of an epoch skips on_train_epoch_start: take the epoch from here.
         ctx.epoch = trainer.current_epoch
         self._plan_total_steps(trainer)
+        self._ends_step = _compat.optimizer_step_rule(trainer)
         self.host.notify("batchkit_fit_start", module=pl_module, ctx=ctx)
 
     def _plan_total_steps(self, trainer: Trainer) -> None:
@@ -347,34 +366,39 @@ class BatchKitCallback(Callback):
         self.progress.batches_done = 0
         self.host.notify("batchkit_epoch_start", epoch=ctx.epoch, ctx=ctx)
 
+    # The three per-batch hooks below run on every step of every fit: they read and write the
+    # context's fields directly and call prepared functions (see PluginHost.caller).
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
-        ctx.batch_idx = batch_idx
-        ctx.is_last_micro_batch = _compat.ends_optimizer_step(trainer, batch_idx)
-        ctx.micro_step = batch_idx % ctx.accumulate_grad_batches
-        if ctx.micro_step == 0:  # Lightning's rule: it logs the steps whose 1-based count is a multiple of n
-            ctx.logs_this_step = (ctx.global_step + 1) % max(1, ctx.log_every_n_steps) == 0
-        if len(self._loaders) == 1:
-            ctx.batch_meta = self._loaders[0].resumable.pop_meta()
+        ctx.train_progress.batch_idx = batch_idx
+        ctx.is_last_micro_batch = self._ends_step(batch_idx)  # type: ignore[misc]
+        ctx.micro_step = micro_step = batch_idx % ctx.accumulate_grad_batches
+        if micro_step == 0:  # Lightning's rule: it logs the steps whose 1-based count is a multiple of n
+            ctx.logs_this_step = (ctx.train_progress.global_step + 1) % max(1, ctx.log_every_n_steps) == 0
+        if self._pop_meta is not None:
+            ctx.batch_meta = self._pop_meta()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Under DeepSpeed Lightning calls this on every micro-batch; pass on only real steps.
-        if self.host.ctx.is_last_micro_batch:
-            self.host.notify("batchkit_before_optimizer_step", optimizer=optimizer, ctx=self.host.ctx)
+        ctx = self.host.ctx
+        if ctx.is_last_micro_batch:
+            self._before_optimizer_step(optimizer=optimizer, ctx=ctx)  # type: ignore[misc]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
-        self.progress.batches_done = batch_idx + 1
+        progress = ctx.train_progress
+        progress.batches_done = batch_idx + 1
         if self._resumed:  # the first batch after a resume: the skip is spent
             for loader in self._loaders:
                 loader.resumable.clear_resume()
             self._resumed = False
         if ctx.is_last_micro_batch:
-            ctx.global_step += 1
-            self.host.notify("batchkit_step_end", ctx=ctx)
+            progress.global_step += 1
+            self._step_end(ctx=ctx)  # type: ignore[misc]
         # the step's 0-based index, which Lightning's own metrics of the same step carry
         if self.host.has_metrics:
-            self._flush_metrics(trainer, ctx.global_step - 1 if ctx.is_last_micro_batch else ctx.global_step)
+            self._flush_metrics(trainer, progress.global_step - 1 if ctx.is_last_micro_batch else progress.global_step)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.host.notify("batchkit_epoch_end", epoch=self.host.ctx.epoch, ctx=self.host.ctx)

@@ -276,7 +276,7 @@ def overhead(reps: int, epochs: int) -> dict[str, Any]:
         callbacks: list = [clock]
         plugin = HardBatchSelection(delta=0.5) if side == "hard_batches" else None
         if side != "plain":
-            callbacks.insert(0, BatchKitCallback([plugin] if plugin else []))
+            callbacks.insert(0, BatchKitCallback([plugin] if plugin else [], time_hooks=True))
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
         trainer.fit(SmallCNN(lr=3e-3), DataLoader(train, batch_size=BATCH_SIZE, shuffle=True))

@@ -229,7 +229,7 @@ def train_once(entries: dict, data: PairsData, seed: int, lr: float, steps: int,
     pl.seed_everything(seed, verbose=False)
     plugins = build_plugins(entries)
     recorder, probe = Trained(), retrieval_probe()
-    callback = BatchKitCallback([*plugins, recorder])
+    callback = BatchKitCallback([*plugins, recorder], time_hooks=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, val_check_interval=every,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -211,6 +211,7 @@ def overhead_worker(rank: int, world: int, port: int, steps_per_block: int, roun
     for mode in MODES:
         plugin = MoELoadBalancing(coefficient=TRAIN["coefficient"], mode=mode, router_type="Router", log_every_n_steps=0)
         hosts[mode] = PluginHost([plugin])
+        hosts[mode].time_hooks = True
         hosts[mode].ctx.rank, hosts[mode].ctx.world_size = rank, world
         plugin.attach(model)  # both attached; only the host that opens its window records
     # Time blocked waiting for the counts' all-reduce (global mode overlaps it since issue 17: the

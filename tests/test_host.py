@@ -150,8 +150,11 @@ def test_declared_conflicts_fail_at_validate_whichever_side_declares() -> None:
         PluginHost([B(), A()]).validate()
 
 
-def test_every_hook_call_is_timed_per_plugin() -> None:
+def test_hook_calls_are_timed_per_plugin_when_asked() -> None:
     host = PluginHost([Append("a"), KeepsBatch()])
+    host.chain("batchkit_transform_batch", [], module=None, ctx=host.ctx)
+    assert host.timings() == {}  # off by default
+    host.time_hooks = True  # rebuilds the prepared callers
     for _ in range(5):
         host.chain("batchkit_transform_batch", [], module=None, ctx=host.ctx)
     timings = host.timings()
@@ -160,6 +163,54 @@ def test_every_hook_call_is_timed_per_plugin() -> None:
     assert timings["append"]["batchkit_transform_batch"]["total_s"] > 0
     host.reset_timings()
     assert host.timings() == {}
+
+
+def test_a_prepared_caller_runs_the_chain_like_chain_and_calls_after_per_plugin() -> None:
+    host = PluginHost()
+    host.register(Append("a"), name="a")
+    host.register(KeepsBatch())
+    host.register(Append("b"), name="b")
+    seen: list[tuple[str, list]] = []
+    transform = host.caller("batchkit_transform_batch")
+    out = transform(batch=[], module=None, ctx=host.ctx, after=lambda name, value: seen.append((name, list(value))))
+    assert out == ["a", "b"]
+    assert seen == [("a", ["a"]), ("keeps", ["a"]), ("b", ["a", "b"])]
+    assert host.caller("batchkit_transform_batch") is transform  # prepared once
+    host.register(Append("c"), name="c")  # a new plugin: prepared again
+    assert host.caller("batchkit_transform_batch")(batch=[], module=None, ctx=host.ctx) == ["a", "b", "c"]
+    # a hook nobody implements returns the value unchanged / does nothing
+    assert host.caller("batchkit_plan_total_steps")(total_steps=7, ctx=host.ctx) == 7
+    assert host.caller("batchkit_step_end")(ctx=host.ctx) is None
+    with pytest.raises(PluginError, match="per plugin"):
+        host.caller("batchkit_state_dict")
+
+
+def test_a_chain_called_without_one_of_the_hooks_arguments_fails_naming_it() -> None:
+    host = PluginHost([Append("a")])
+    with pytest.raises(TypeError, match="module"):
+        host.chain("batchkit_transform_batch", [], ctx=host.ctx)
+
+
+def test_a_traceback_through_a_prepared_caller_shows_the_line_that_called_the_plugin() -> None:
+    import traceback
+
+    class Boom(Plugin):
+        name = "boom"
+
+        @hookimpl
+        def batchkit_transform_batch(self, batch: list) -> list:
+            raise ValueError("bad batch")
+
+    host = PluginHost([Append("a"), Boom()])
+    host.time_hooks = True
+    with pytest.raises(ValueError) as info:
+        host.chain("batchkit_transform_batch", [], module=None, ctx=host.ctx)
+    text = "".join(traceback.format_exception(info.value))
+    assert "result = f1(batch)" in text
+    assert "plugin 'boom' in batchkit_transform_batch" in text
+    assert info.value.batchkit_plugin == "boom"
+    # the plugin that ran before the failure is counted, the one that raised is not
+    assert host.timings() == {"append": host.timings()["append"]}
 
 
 def test_an_exception_names_the_plugin_and_hook() -> None:
