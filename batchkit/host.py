@@ -9,6 +9,7 @@ The host knows nothing of Lightning; :mod:`batchkit.lightning` drives it from a 
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import math
 import operator
@@ -29,8 +30,9 @@ from batchkit.errors import PluginError
 from batchkit.plugin import Plugin
 from batchkit.plugin import kind_of
 
-# a module-level name: hooks run on every step and the clock is read twice per implementation
+# a module-level name: hooks run on every step and, when timed, read the clock once per implementation
 _clock = time.perf_counter_ns
+_dispatcher_ids = itertools.count()  # a distinct "file name" for each prepared caller's source
 
 
 #: Every declared hook and what its declaration says (kind, stage, carrier).
@@ -229,17 +231,20 @@ class _Impl:
             self.call = lambda kwargs: function(*pick(kwargs))
 
 
-def _compile_dispatcher(hook_name: str, params: tuple[str, ...], carrier: str | None, impls: list[_Impl], timed: bool = True) -> Callable[..., Any]:
+def _compile_dispatcher(
+    hook_name: str, params: tuple[str, ...], carrier: str | None, impls: list[_Impl], timed: bool
+) -> Callable[..., Any]:
     """One function that calls every implementation of ``hook_name`` in order, written out in full.
 
     The per-step hooks run a few times per training step for every plugin, and a generic loop
     (pick each implementation's arguments out of a dict, call it through a small adaptor) costs
     about twice what the calls themselves do. So the host writes, once per hook and plugin list,
     the straight-line code a person would write by hand: each implementation called directly with
-    the arguments it declares, timed by one clock reading between consecutive calls. The function
-    takes the hook's arguments by name (a chain also ``after``, see :meth:`PluginHost.chain`) and
-    returns the chain's final value (``None`` for a notification). Its source is kept in
-    ``linecache``, so tracebacks through it show the line that called the plugin.
+    the arguments it declares (and, with ``timed``, one clock reading between consecutive calls,
+    charged to the implementation in between). The function takes the hook's arguments by name (a
+    chain also ``after``, see :meth:`PluginHost.chain`) and returns the chain's final value
+    (``None`` for a notification). Its source is kept in ``linecache``, so tracebacks through it
+    show the line that called the plugin.
     """
     lines = [f"def {hook_name}({', '.join(params)}{', after=None' if carrier else ''}):"]
     if impls:
@@ -266,7 +271,7 @@ def _compile_dispatcher(hook_name: str, params: tuple[str, ...], carrier: str | 
     namespace: dict[str, Any] = {"clock": _clock, "failed": failed}
     for k, impl in enumerate(impls):
         namespace[f"f{k}"], namespace[f"i{k}"] = impl.function, impl
-    filename = f"<batchkit {hook_name}: {', '.join(i.plugin_name for i in impls) or 'no plugin'}>"
+    filename = f"<batchkit {hook_name} #{next(_dispatcher_ids)}: {', '.join(i.plugin_name for i in impls) or 'no plugin'}>"
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source built above from hook and argument names only
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return namespace[hook_name]

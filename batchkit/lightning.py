@@ -331,8 +331,10 @@ class BatchKitCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
-        self._before_optimizer_step = self.host.caller("batchkit_before_optimizer_step")
-        self._step_end = self.host.caller("batchkit_step_end")
+        # None where no plugin implements the hook: nothing to call on every step
+        host = self.host
+        self._before_optimizer_step = host.caller("batchkit_before_optimizer_step") if host.has_impls("batchkit_before_optimizer_step") else None
+        self._step_end = host.caller("batchkit_step_end") if host.has_impls("batchkit_step_end") else None
         self.host.ctx.device = pl_module.device
         self._remove_optimizer_hooks()
         self._install_lr_scale(trainer)
@@ -382,8 +384,8 @@ class BatchKitCallback(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Under DeepSpeed Lightning calls this on every micro-batch; pass on only real steps.
         ctx = self.host.ctx
-        if ctx.is_last_micro_batch:
-            self._before_optimizer_step(optimizer=optimizer, ctx=ctx)  # type: ignore[misc]
+        if ctx.is_last_micro_batch and self._before_optimizer_step is not None:
+            self._before_optimizer_step(optimizer=optimizer, ctx=ctx)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
@@ -395,7 +397,8 @@ class BatchKitCallback(Callback):
             self._resumed = False
         if ctx.is_last_micro_batch:
             progress.global_step += 1
-            self._step_end(ctx=ctx)  # type: ignore[misc]
+            if self._step_end is not None:
+                self._step_end(ctx=ctx)
         # the step's 0-based index, which Lightning's own metrics of the same step carry
         if self.host.has_metrics:
             self._flush_metrics(trainer, progress.global_step - 1 if ctx.is_last_micro_batch else progress.global_step)

@@ -101,16 +101,30 @@ class PassThrough(Plugin):
 
 
 class StepTimer(pl.Callback):
-    """Mean seconds per training batch (thread CPU time and wall time) from the start of epoch 2."""
+    """Mean seconds per training batch (thread CPU time and wall time) from the start of epoch 2,
+    and the median thread CPU time of a single step (batch start to the next batch start, the data
+    fetch included): a second estimate that a step hit by an interruption does not move."""
 
     def __init__(self) -> None:
         self.start: tuple[float, float] | None = None
         self.batches = 0
-        self.cpu = self.wall = 0.0
+        self.cpu = self.wall = self.cpu_median = 0.0
+        self.last_batch_start: float | None = None
+        self.steps: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == 1:
             self.start = (time.thread_time(), time.perf_counter())
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.start is not None:
+            now = time.thread_time()
+            if self.last_batch_start is not None:
+                self.steps.append(now - self.last_batch_start)
+            self.last_batch_start = now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_batch_start = None  # the epoch boundary is not a step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.start is not None:
@@ -120,6 +134,7 @@ class StepTimer(pl.Callback):
         assert self.start is not None
         self.cpu = (time.thread_time() - self.start[0]) / self.batches
         self.wall = (time.perf_counter() - self.start[1]) / self.batches
+        self.cpu_median = statistics.median(self.steps)
 
 
 class EmptyCallback(pl.Callback):
@@ -133,20 +148,112 @@ def run(side: str, data: TensorDataset, epochs: int, hidden: int, batch_size: in
     gc.collect()  # the previous run's Trainer is garbage: collect it now, not inside the next timed window
     pl.seed_everything(0, verbose=False)
     timer = StepTimer()
-    callbacks: list[pl.Callback] = [timer]
+    kit = fit_side(side, [timer], data, epochs, hidden, batch_size, time_hooks)
+    per_plugin = kit.host.total_seconds() if kit else {}
+    return timer, per_plugin
+
+
+def fit_side(side: str, callbacks: list[pl.Callback], data: TensorDataset, epochs: int, hidden: int, batch_size: int,
+             time_hooks: bool = False) -> BatchKitCallback | None:
+    """Train the MLP with ``callbacks`` plus what ``side`` adds; returns the BatchKitCallback if any."""
     kit = None
     if side == "empty":
-        callbacks.insert(0, EmptyCallback())
+        callbacks = [EmptyCallback(), *callbacks]
     if side in ("bare", "batchkit"):
         kit = BatchKitCallback({f"pass{i}": PassThrough() for i in range(3 if side == "batchkit" else 0)}, time_hooks=time_hooks)
-        callbacks.insert(0, kit)
+        callbacks = [kit, *callbacks]
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(MLP(data.tensors[0].shape[1], hidden), DataLoader(data, batch_size=batch_size, shuffle=True))
-    per_plugin = kit.host.total_seconds() if kit else {}
-    return timer, per_plugin
+    return kit
+
+
+class Baton(pl.Callback):
+    """Step-interleaved design: each side trains in its own thread and waits for its turn at every
+    batch start, so the sides take training steps in turn (in a fresh random order each round) and
+    a change in machine speed hits them all within a few milliseconds. Records this side's thread
+    CPU time per step (its own work only: a waiting thread uses none)."""
+
+    def __init__(self, index: int, turns: "Turns") -> None:
+        self.index, self.turns = index, turns
+        self.steps: list[int] = []
+        self.last: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        now = time.thread_time_ns()
+        if self.last is not None and trainer.current_epoch >= 1:
+            self.steps.append(now - self.last)
+        self.turns.pass_on(self.index)
+        self.last = time.thread_time_ns()
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self.last = None
+
+    def on_train_end(self, *args: Any) -> None:
+        self.turns.finish(self.index)
+
+
+class Turns:
+    """Whose turn it is among the step-interleaved sides."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        import random
+        import threading
+
+        self.n, self.rng, self.cond = n, random.Random(seed), threading.Condition()
+        self.turn, self.done, self.round = 0, set(), []
+
+    def _advance(self) -> None:
+        while True:
+            if not self.round:
+                self.round = list(range(self.n))
+                self.rng.shuffle(self.round)
+            nxt = self.round.pop(0)
+            if nxt not in self.done or len(self.done) == self.n:
+                self.turn = nxt
+                return
+
+    def wait(self, index: int) -> None:
+        with self.cond:
+            while self.turn != index:
+                self.cond.wait()
+
+    def pass_on(self, index: int) -> None:
+        with self.cond:
+            self._advance()
+            self.cond.notify_all()
+            while self.turn != index:
+                self.cond.wait()
+
+    def finish(self, index: int) -> None:
+        with self.cond:
+            self.done.add(index)
+            self._advance()
+            self.cond.notify_all()
+
+
+def run_interleaved(order: list[str], data: TensorDataset, epochs: int, hidden: int, batch_size: int, seed: int) -> dict[str, float]:
+    """One step-interleaved run of the sides in ``order`` (thread i trains side order[i]); returns
+    each side's median step time divided by the plain side's."""
+    import threading
+
+    gc.collect()
+    turns = Turns(len(order), seed)
+    batons = [Baton(i, turns) for i in range(len(order))]
+
+    def train(i: int) -> None:
+        turns.wait(i)
+        fit_side(order[i], [batons[i]], data, epochs, hidden, batch_size)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(len(order))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    medians = {side: statistics.median(b.steps) for side, b in zip(order, batons)}
+    return {side: m / medians["plain"] for side, m in medians.items()}
 
 
 def main() -> None:
@@ -158,6 +265,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared 2-core box)")
+    parser.add_argument("--interleaved-rounds", type=int, default=2,
+                        help="step-interleaved design: rounds of 4 runs, each side once in every thread position (0: skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "host_overhead.json"))
     args = parser.parse_args()
     reexec_with_stable_malloc()
@@ -177,6 +286,16 @@ def main() -> None:
         p, e, b, k = (timers[s][-1].cpu for s in sides)
         print(f"repeat {i}: cpu ms/step plain {1e3 * p:.3f}, empty callback {1e3 * e:.3f}, bare host {1e3 * b:.3f}, "
               f"batchkit {1e3 * k:.3f} (ratio {k / p:.4f})")
+    # Second design, step-interleaved: the sides take steps in turn inside one process (a Latin
+    # square over thread positions, so no side keeps a position), 2 + epochs - 1 epochs per run.
+    interleaved: dict[str, list[float]] = {side: [] for side in sides[1:]}
+    for r in range(args.interleaved_rounds):
+        for shift in range(len(sides)):
+            order = list(sides[shift:] + sides[:shift])
+            ratios_now = run_interleaved(order, data, args.epochs + 2, args.hidden, args.batch_size, seed=r * 10 + shift)
+            for side in sides[1:]:
+                interleaved[side].append(ratios_now[side])
+            print(f"interleaved run {r}.{shift} {order}: " + ", ".join(f"{s} {v:.4f}" for s, v in ratios_now.items() if s != "plain"))
     # the per-plugin figure from one more run with the host's hook timing on (not in the ratios)
     _, hook_seconds = run("batchkit", data, args.epochs, args.hidden, args.batch_size, time_hooks=True)
     plain, kit, empty = timers["plain"], timers["batchkit"], timers["empty"]
@@ -184,6 +303,8 @@ def main() -> None:
     wall_ratios = [k.wall / p.wall for k, p in zip(kit, plain)]
     empty_ratios = [e.cpu / p.cpu for e, p in zip(empty, plain)]
     bare_ratios = [b.cpu / p.cpu for b, p in zip(timers["bare"], plain)]
+    # the same three ratios from each run's median single-step time
+    step_ratios = {side: statistics.median(t.cpu_median / p.cpu_median for t, p in zip(timers[side], plain)) for side in sides[1:]}
     batches = -(-args.samples // args.batch_size)
     steps = (args.epochs - 1) * batches
     goal = statistics.median(empty_ratios) + 0.01
@@ -194,6 +315,10 @@ def main() -> None:
             "bare_host_ratio": statistics.median(bare_ratios),
             "goal_overhead_ratio_at_most": goal,
             "goal_met": statistics.median(ratios) <= goal,
+            "median_step_ratios": step_ratios,
+            "interleaved": {side: statistics.median(v) for side, v in interleaved.items()} if args.interleaved_rounds else None,
+            "goal_met_interleaved": (statistics.median(interleaved["batchkit"]) <= statistics.median(interleaved["empty"]) + 0.01)
+            if args.interleaved_rounds else None,
         },
         "overhead_ratio": statistics.median(ratios),
         "overhead_ratio_wall": statistics.median(wall_ratios),
@@ -205,6 +330,9 @@ def main() -> None:
         "wall_ratios": wall_ratios,
         "empty_callback_ratios": empty_ratios,
         "bare_host_ratios": bare_ratios,
+        "interleaved_ratios": interleaved,
+        "interleaved_design": "sides in threads taking training steps in turn, random order each round; per run each side's "
+        "median step CPU time / plain's; every side in every thread position once per round; median over runs",
         "hook_ms_per_step_per_plugin": {k: 1e3 * v / (args.epochs * batches) for k, v in hook_seconds.items()},
         "hook_timing": "per-plugin figure from one extra run with time_hooks=True; the timed sides run with it off (the default)",
         "timed_steps_per_run": steps,
@@ -214,7 +342,8 @@ def main() -> None:
         "model": f"MLP {args.dim}-{args.hidden}-{args.hidden}-10, batch {args.batch_size}",
         "command": "python benchmarks/host_overhead.py "
         + f"--repeats {args.repeats} --epochs {args.epochs} --threads {args.threads} "
-        + f"--dim {args.dim} --hidden {args.hidden} --batch-size {args.batch_size} --out {os.path.relpath(args.out)}",
+        + f"--dim {args.dim} --hidden {args.hidden} --batch-size {args.batch_size} "
+        + f"--interleaved-rounds {args.interleaved_rounds} --out {os.path.relpath(args.out)}",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
