@@ -204,8 +204,11 @@ class ResumableBatchSampler:
     interrupted epoch that were already trained after a restart, and records the metadata of every
     batch it yields (popped by the host as each batch is trained)."""
 
-    def __init__(self, inner: Any, base_sampler: Any, batch_size: int, progress: Any) -> None:
+    def __init__(self, inner: Any, base_sampler: Any, batch_size: int, progress: Any, track_meta: bool = True) -> None:
         self.inner = inner
+        #: whether batches may carry metadata (false when no sampler-stage plugin wrapped the base
+        #: sampler, whose plain index lists have none): nothing is recorded then
+        self.track_meta = track_meta
         #: the size of the batches training_step receives; DeepSpeed's config and Lightning's
         #: batch-size inference read it
         self.batch_size = batch_size
@@ -240,10 +243,12 @@ class ResumableBatchSampler:
         skip = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
         self.pending_meta.clear()
         self.progress.yielded = skip
+        track_meta, pending_meta, progress = self.track_meta, self.pending_meta, self.progress
         for i, batch in enumerate(self.inner):
             if i >= skip:
-                self.pending_meta.append(getattr(batch, "meta", _NO_META))
-                self.progress.yielded = i + 1
+                if track_meta:
+                    pending_meta.append(getattr(batch, "meta", _NO_META))
+                progress.yielded = i + 1
                 yield batch
 
     def pop_meta(self) -> Mapping[str, Any]:
@@ -372,12 +377,14 @@ def build_train_loader(loader: DataLoader, host: Any, *, progress: Any, prepared
         )
         base = ShardBatchSampler(shard, plan.load_size, drop_last)
     chained = host.chain("batchkit_wrap_batch_sampler", base, dataset=loader.dataset, ctx=ctx)
+    # Only a sampler a plugin put in place can yield BatchPlans; the base sampler's index lists
+    # carry no metadata, so when every plugin left it as it was there is none to keep.
+    may_carry_meta = chained is not base
     if global_batches:
         chained = RankSplitBatchSampler(chained, ctx.rank, ctx.world_size)
-    outer = ResumableBatchSampler(chained, shard, plan.train_size, progress)
+    outer = ResumableBatchSampler(chained, shard, plan.train_size, progress, track_meta=may_carry_meta)
     check_same_length_on_all_ranks(outer, host)
-    # The metadata-keeping view is needed only when a sampler plugin may yield BatchPlans.
-    dataset = PlannedDataset(loader.dataset) if host.has_impls("batchkit_wrap_batch_sampler") else loader.dataset
+    dataset = PlannedDataset(loader.dataset) if may_carry_meta else loader.dataset
     return BatchKitDataLoader(dataset, batch_sampler=outer, user_dataset=loader.dataset, **common)
 
 

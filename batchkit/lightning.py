@@ -218,7 +218,10 @@ class BatchKitCallback(Callback):
         wrapped = apply_to_collection(loaders, DataLoader, wrap)
         # batch metadata is tracked for a single train loader (with several, which batch Lightning
         # trains next is its own business)
-        self._pop_meta = self._loaders[0].resumable.pop_meta if len(self._loaders) == 1 else None
+        meta_loader = self._loaders[0].resumable if len(self._loaders) == 1 else None
+        self._pop_meta = meta_loader.pop_meta if meta_loader is not None and meta_loader.track_meta else None
+        if self._pop_meta is None:
+            self.host.ctx.batch_meta = {}
         return wrapped
 
     def _patch_train_dataloader(self, trainer: Trainer, pl_module: LightningModule) -> None:

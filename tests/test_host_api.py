@@ -127,6 +127,44 @@ def test_batch_metadata_reaches_the_collate_in_the_workers_and_the_batch_stage(t
     assert callback.progress.lookahead == (2 * 2 if workers else 0)  # num_workers * prefetch_factor
 
 
+def test_metadata_is_kept_only_when_a_plugin_put_a_sampler_in_place(tmp_path: Path) -> None:
+    from batchkit.data import PlannedDataset
+    from batchkit.data import build_train_loader
+    from batchkit.host import PluginHost
+
+    class LeavesSampler(Plugin):
+        name = "leaves"
+
+        @hookimpl
+        def batchkit_wrap_batch_sampler(self, batch_sampler: Any) -> None:
+            return None
+
+    def build(plugin: Plugin) -> Any:
+        host = PluginHost([plugin])
+        return build_train_loader(loader(n=32), host, progress=host.ctx.train_progress, prepared=set(), cache=None)
+
+    plain, tagged = build(LeavesSampler()), build(TagBatches())
+    # nothing wrapped: the base sampler's index lists carry no metadata, so none is tracked
+    assert not plain.resumable.track_meta and not isinstance(plain.dataset, PlannedDataset)
+    assert tagged.resumable.track_meta and isinstance(tagged.dataset, PlannedDataset)
+    assert len(list(plain)) == 4 and not plain.resumable.pending_meta
+    list(tagged)
+    assert tagged.resumable.pop_meta()["position"] == 0
+    # in training the batch stage sees an empty mapping
+    seen: list[dict] = []
+
+    class Reads(LeavesSampler):
+        name = "reads"
+
+        @hookimpl
+        def batchkit_transform_batch(self, ctx: Any) -> None:
+            seen.append(dict(ctx.batch_meta))
+
+    trainer = make_trainer(tmp_path, [BatchKitCallback([Reads()])], max_epochs=1)
+    trainer.fit(TinyModule(), loader(n=32))
+    assert seen == [{}] * 4
+
+
 # -- prepare-data and the artefact cache ------------------------------------------------------
 
 BUILDS: list[int] = []
