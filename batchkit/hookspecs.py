@@ -399,9 +399,10 @@ def batchkit_wrap_optimizer(optimizer: torch.optim.Optimizer, module: Any, ctx: 
     replacement when it has the same number of parameter groups; otherwise the host raises.
 
     A plugin that needs the learning rate scaled for some steps (a batch-size schedule) does not
-    edit ``param_groups``: it calls ``host.set_lr_scale(name, scale)``, and the host multiplies
-    every group's lr by the product of the plugins' scales for the duration of each ``step()``
-    only, so the module's LR schedulers see their own values.
+    edit ``param_groups``: it declares ``scales_lr = True`` and calls
+    ``host.set_lr_scale(name, scale)``, and the host multiplies every group's lr by the product of
+    the plugins' scales for the duration of each ``step()`` only, so the module's LR schedulers
+    see their own values.
 
     :param optimizer: the optimizer built so far (the module's, or the previous plugin's).
     :param module: the LightningModule, for its ``named_parameters()``.

@@ -491,8 +491,19 @@ class PluginHost:
         it around ``optimizer.step()`` only, so LR schedulers keep their own values."""
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise PluginError(f"batchkit: plugin {_name_of(plugin)!r} asked for an lr scale of {scale!r}; it must be a number > 0")
+        owner = self._plugins.get(_name_of(plugin))
+        if owner is None or not getattr(owner, "scales_lr", False):
+            raise PluginError(
+                f"batchkit: plugin {_name_of(plugin)!r} called set_lr_scale but does not declare scales_lr = True; "
+                "set that class attribute, so that the host installs the optimizer step hooks that apply the scale"
+            )
         self._lr_scales[_name_of(plugin)] = float(scale)
         self.lr_scale = math.prod(self._lr_scales.values())
+
+    @property
+    def scales_lr(self) -> bool:
+        """Whether a registered plugin declares ``scales_lr`` (the lr-scale step hooks are needed)."""
+        return any(getattr(p, "scales_lr", False) for p in self._plugins.values())
 
     def request_loader_rebuild(self, reason: str) -> None:
         """Ask for the train DataLoader to be rebuilt before the next epoch (the sampler and collate

@@ -306,8 +306,11 @@ class BatchKitCallback(Callback):
     def _install_lr_scale(self, trainer: Trainer) -> None:
         """Scale every group's lr by ``host.lr_scale`` for the duration of each ``step()`` only,
         through the optimizer's public step hooks (they fire under DDP and inside DeepSpeed's ZeRO
-        optimizers alike, and LR schedulers, which run after the step, never see the scaled value)."""
+        optimizers alike, and LR schedulers, which run after the step, never see the scaled value).
+        Installed only when a plugin declares ``scales_lr``: two calls per step nobody needs otherwise."""
         host = self.host
+        if not host.scales_lr:
+            return
         for optimizer in _compat.torch_optimizers(trainer):
             saved: list[list[Any]] = []
 

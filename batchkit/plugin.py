@@ -50,6 +50,10 @@ class Plugin:
         A sampler-stage plugin that builds *global* batches (across ranks) sets this to ``True``:
         the chain then starts from an unsharded base sampler of global batches and the host splits
         every global batch across ranks after the chain.
+    ``scales_lr``
+        A plugin that calls ``host.set_lr_scale`` sets this to ``True``: the host then applies the
+        scale around every optimizer step (through the optimizer's step hooks). Plugins that do
+        not declare it cost no step hooks, and their ``set_lr_scale`` calls are refused.
     """
 
     name: ClassVar[str] = ""
@@ -58,6 +62,7 @@ class Plugin:
     allow_multiple: ClassVar[bool] = False
     load_factor: float | None = None
     global_batches: bool = False
+    scales_lr: bool = False
 
     _host: PluginHost | None = None
     _instance_name: str | None = None

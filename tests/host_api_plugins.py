@@ -108,6 +108,7 @@ class PrepareOnceScaleAndRebuild(Plugin):
     a loader rebuild and an lr scale of 3; records the lr each step() sees."""
 
     name = "prepare_scale_rebuild"
+    scales_lr = True
 
     def __init__(self, out: str) -> None:
         self.out = out

@@ -269,6 +269,7 @@ class GrowBatches(Plugin):
     """From epoch 1 on: batches twice as large (a loader rebuild) and twice the learning rate."""
 
     name = "grow"
+    scales_lr = True
 
     def __init__(self) -> None:
         self.factor = 1
@@ -312,6 +313,30 @@ def test_a_plugin_rebuilds_the_loader_and_scales_the_lr_without_touching_the_sch
     assert module.lr_in_step == pytest.approx([0.1] * 8 + [0.05 * 2] * 4 + [0.025 * 2] * 4)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0125)  # the scheduler's value
     assert trainer.reload_dataloaders_every_n_epochs == 0  # the Trainer's setting is back
+
+
+def test_the_lr_scale_step_hooks_exist_only_for_plugins_that_declare_scales_lr(tmp_path: Path) -> None:
+    class Undeclared(Plugin):
+        name = "undeclared"
+
+        @hookimpl
+        def batchkit_epoch_end(self, epoch: int) -> None:
+            self.host.set_lr_scale(self, 2.0)
+
+    import lightning.pytorch as pl
+
+    class CountStepHooks(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            opt = trainer.optimizers[0]
+            self.hooks = len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+    quiet, scaling = CountStepHooks(), CountStepHooks()
+    make_trainer(tmp_path, [BatchKitCallback([KeepLowestIndices(load_factor=2)]), quiet], max_epochs=1).fit(TinyModule(), loader())
+    assert quiet.hooks == 0  # no plugin scales the lr: no per-step hook calls
+    make_trainer(tmp_path, [BatchKitCallback([GrowBatches()]), scaling], max_epochs=1).fit(WithScheduler(), loader())
+    assert scaling.hooks == 2  # one pre- and one post-step hook
+    with pytest.raises(PluginError, match="'undeclared' called set_lr_scale but does not declare scales_lr = True"):
+        make_trainer(tmp_path, [BatchKitCallback([Undeclared()])], max_epochs=1).fit(TinyModule(), loader())
 
 
 # -- what the host refuses --------------------------------------------------------------------

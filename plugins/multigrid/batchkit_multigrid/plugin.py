@@ -171,6 +171,7 @@ class MultigridPlugin(Plugin):
     """
 
     name = "multigrid"
+    scales_lr = True  # the long cycle's batch factor, through host.set_lr_scale
     # hard_batches scores and re-trains whole fixed mini-batches, which multigrid regroups into
     # batches of other sizes; the super-batch selectors (jest, cabs, colm) must keep the user's
     # batch size b while multigrid's batches are b·β (the host's super-batch plan has one size).
