@@ -110,6 +110,12 @@ def _worker(rank: int, port: int, out_dir: str, scenarios: list[str], impl: str)
         engine.destroy()
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # Everything is saved and the group is gone. Leave without running the C++ static destructors:
+    # once in a fresh-clone run, a rank aborted there ("terminate called without an active
+    # exception", SIGABRT) after finishing every scenario, failing the test for nothing it checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
