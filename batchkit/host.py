@@ -9,11 +9,11 @@ The host knows nothing of Lightning; :mod:`batchkit.lightning` drives it from a 
 
 from __future__ import annotations
 
-import itertools
 import linecache
 import math
 import operator
 import time
+import zlib
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -32,7 +32,6 @@ from batchkit.plugin import kind_of
 
 # a module-level name: hooks run on every step and, when timed, read the clock once per implementation
 _clock = time.perf_counter_ns
-_dispatcher_ids = itertools.count()  # a distinct "file name" for each prepared caller's source
 
 
 #: Every declared hook and what its declaration says (kind, stage, carrier).
@@ -271,7 +270,8 @@ def _compile_dispatcher(
     namespace: dict[str, Any] = {"clock": _clock, "failed": failed}
     for k, impl in enumerate(impls):
         namespace[f"f{k}"], namespace[f"i{k}"] = impl.function, impl
-    filename = f"<batchkit {hook_name} #{next(_dispatcher_ids)}: {', '.join(i.plugin_name for i in impls) or 'no plugin'}>"
+    # named by its text, so the same code shares one linecache entry however many hosts build it
+    filename = f"<batchkit {hook_name} {zlib.crc32(source.encode()):08x}: {', '.join(i.plugin_name for i in impls) or 'no plugin'}>"
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source built above from hook and argument names only
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return namespace[hook_name]
