@@ -103,6 +103,8 @@ class BatchSpec:
                 "a field is one or the other"
             )
         self.size_field = size_field
+        #: whether any field is named (else a batch of same-length tensors is counted without a walk)
+        self.names_fields = bool(self.per_sample or self.shared or size_field is not None)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | BatchSpec | None) -> BatchSpec:

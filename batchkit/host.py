@@ -434,21 +434,30 @@ class PluginHost:
     def has_impls(self, hook_name: str) -> bool:
         return bool(self._prepared(hook_name))
 
-    def caller(self, hook_name: str) -> Callable[..., Any]:
+    def caller(self, hook_name: str, positional: tuple[str, ...] | None = None) -> Callable[..., Any]:
         """The prepared function that runs hook ``hook_name`` (chain or notification) for the
         plugins registered now; call it with the hook's arguments by name, e.g.
         ``host.caller("batchkit_step_end")(ctx=ctx)``. Code that calls a hook on every step fetches
         it once (the plugin list is fixed during a fit) and saves the lookups of :meth:`chain`
-        and :meth:`notify`, which use the same function."""
+        and :meth:`notify`, which use the same function.
+
+        ``positional``: the argument names in the order the caller will pass them positionally (a
+        chain's ``after`` may follow); checked here against the hook's declaration, so a per-step
+        call site can skip keyword matching, e.g.
+        ``host.caller("batchkit_step_end", positional=("ctx",))(ctx)``."""
         caller = self._callers.get(hook_name)
         if caller is None:
             kind = HOOKS[hook_name]
             if kind.kind == "per_plugin":
                 raise PluginError(f"batchkit: {hook_name} is called per plugin by the host (state_dict / load_state_dict), not as a chain")
-            params = tuple(getattr(self.pm.hook, hook_name).spec.argnames)
-            caller = _compile_dispatcher(hook_name, params, CHAIN_HOOKS.get(hook_name), self._prepared(hook_name), self._time_hooks)
+            caller = _compile_dispatcher(hook_name, self._params(hook_name), CHAIN_HOOKS.get(hook_name), self._prepared(hook_name), self._time_hooks)
             self._callers[hook_name] = caller
+        if positional is not None and tuple(positional) != self._params(hook_name):
+            raise TypeError(f"{hook_name} takes ({', '.join(self._params(hook_name))}), not ({', '.join(positional)})")
         return caller
+
+    def _params(self, hook_name: str) -> tuple[str, ...]:
+        return tuple(getattr(self.pm.hook, hook_name).spec.argnames)
 
     def chain(self, hook_name: str, value: Any, after: Callable[[str, Any], None] | None = None, **kwargs: Any) -> Any:
         """Run the transform chain ``hook_name`` starting from ``value``; return the final value.

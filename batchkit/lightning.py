@@ -249,10 +249,14 @@ class BatchKitCallback(Callback):
         original = pl_module.training_step
         ctx = host.ctx
         progress = ctx.train_progress
-        # Fixed for the whole fit: plugins are registered before it starts.
-        transform_batch = host.caller("batchkit_transform_batch") if host.has_impls("batchkit_transform_batch") else None
-        before_forward = host.caller("batchkit_before_forward") if host.has_impls("batchkit_before_forward") else None
-        transform_loss = host.caller("batchkit_transform_loss") if host.has_impls("batchkit_transform_loss") else None
+        # Fixed for the whole fit: plugins are registered before it starts. Called positionally
+        # (checked against the hook declarations here), as keyword matching costs on every step.
+        transform_batch = (host.caller("batchkit_transform_batch", positional=("batch", "module", "ctx"))
+                           if host.has_impls("batchkit_transform_batch") else None)
+        before_forward = (host.caller("batchkit_before_forward", positional=("batch", "module", "ctx"))
+                          if host.has_impls("batchkit_before_forward") else None)
+        transform_loss = (host.caller("batchkit_transform_loss", positional=("loss", "outputs", "batch", "module", "ctx"))
+                          if host.has_impls("batchkit_transform_loss") else None)
 
         def check_size(plugin: str, batch: Any) -> None:
             plan = ctx.super_batch
@@ -266,26 +270,26 @@ class BatchKitCallback(Callback):
                 )
 
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            loaded = count_samples(batch, ctx.batch_spec)
+            spec = ctx.batch_spec
+            loaded = count_samples(batch, spec)
             if transform_batch is not None:
-                plan = ctx.super_batch
-                batch = transform_batch(batch=batch, module=pl_module, ctx=ctx,
-                                        after=check_size if plan is not None and plan.active else None)
+                plan = ctx.super_batch  # the sizes are checked after each plugin that selects
+                batch = transform_batch(batch, pl_module, ctx, check_size if plan is not None and plan.sizes else None)
                 # counted again: a plugin may cut the (mutable) batch in place and return nothing
-                trained = count_samples(batch, ctx.batch_spec)
+                trained = count_samples(batch, spec)
             else:
                 trained = loaded
             progress.samples_loaded += loaded
             progress.samples_trained += trained
             progress.batch_size, progress.loaded_batch_size = trained, loaded
             if before_forward is not None:
-                before_forward(batch=batch, module=pl_module, ctx=ctx)
+                before_forward(batch, pl_module, ctx)
             outputs = original(batch, *args, **kwargs)
             if transform_loss is None or outputs is None:
                 return outputs
             if isinstance(outputs, torch.Tensor):
-                return transform_loss(loss=outputs, outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
-            loss = transform_loss(loss=outputs["loss"], outputs=outputs, batch=batch, module=pl_module, ctx=ctx)
+                return transform_loss(outputs, outputs, batch, pl_module, ctx)
+            loss = transform_loss(outputs["loss"], outputs, batch, pl_module, ctx)
             return {**outputs, "loss": loss}
 
         self._patch(pl_module, "training_step", training_step)
@@ -339,8 +343,9 @@ class BatchKitCallback(Callback):
         self._fit_started = time.perf_counter()
         # None where no plugin implements the hook: nothing to call on every step
         host = self.host
-        self._before_optimizer_step = host.caller("batchkit_before_optimizer_step") if host.has_impls("batchkit_before_optimizer_step") else None
-        self._step_end = host.caller("batchkit_step_end") if host.has_impls("batchkit_step_end") else None
+        self._before_optimizer_step = (host.caller("batchkit_before_optimizer_step", positional=("optimizer", "ctx"))
+                                       if host.has_impls("batchkit_before_optimizer_step") else None)
+        self._step_end = host.caller("batchkit_step_end", positional=("ctx",)) if host.has_impls("batchkit_step_end") else None
         self.host.ctx.device = pl_module.device
         self._remove_optimizer_hooks()
         self._install_lr_scale(trainer)
@@ -391,7 +396,7 @@ class BatchKitCallback(Callback):
         # Under DeepSpeed Lightning calls this on every micro-batch; pass on only real steps.
         ctx = self.host.ctx
         if ctx.is_last_micro_batch and self._before_optimizer_step is not None:
-            self._before_optimizer_step(optimizer=optimizer, ctx=ctx)
+            self._before_optimizer_step(optimizer, ctx)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         ctx = self.host.ctx
@@ -404,7 +409,7 @@ class BatchKitCallback(Callback):
         if ctx.is_last_micro_batch:
             progress.global_step += 1
             if self._step_end is not None:
-                self._step_end(ctx=ctx)
+                self._step_end(ctx)
         # the step's 0-based index, which Lightning's own metrics of the same step carry
         if self.host.has_metrics:
             self._flush_metrics(trainer, progress.global_step - 1 if ctx.is_last_micro_batch else progress.global_step)
@@ -472,17 +477,27 @@ def _is_plugin_object(value: Any) -> bool:
 def count_samples(batch: Any, spec: BatchSpec) -> int:
     """The batch's number of samples for the progress counters (0 when the batch does not say: only
     plugins that select need an unambiguous count, and they ask the spec themselves)."""
-    if not spec.per_sample and not spec.shared and spec.size_field is None:
-        # the common case, without walking the batch: a tensor, or a container of same-length tensors
-        items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else (batch,)
+    if not spec.names_fields:
+        # the common case, without walking the batch: a tensor, or a container of same-length
+        # tensors (run twice a step: each shape is read once, exact types are tested first)
+        kind = type(batch)
+        if kind is list or kind is tuple or isinstance(batch, (list, tuple)):
+            items = batch
+        elif isinstance(batch, dict):
+            items = batch.values()
+        else:
+            items = (batch,)
         n = -1
         for item in items:
-            if not isinstance(item, torch.Tensor) or item.dim() == 0 or (n >= 0 and item.shape[0] != n):
+            if not isinstance(item, torch.Tensor):
                 break
-            n = item.shape[0]
+            shape = item.shape
+            if not shape or (n >= 0 and shape[0] != n):
+                break
+            n = shape[0]
         else:
             if n >= 0:
-                return int(n)
+                return n
     try:
         return spec.num_samples(batch)
     except PluginError:

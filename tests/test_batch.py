@@ -173,3 +173,30 @@ def test_scoring_pass_with_grad_keeps_parameter_grads() -> None:
         model(torch.ones(1, 2)).sum().backward()
         assert model.weight.grad is not None
     assert model.weight.grad is None
+
+
+def test_the_progress_count_agrees_with_the_spec_on_every_batch_shape() -> None:
+    from batchkit.lightning import count_samples
+
+    Pair = namedtuple("Pair", "x y")
+    x, y = torch.zeros(6, 3), torch.arange(6)
+    batches = [
+        x, [x, y], (x, y), Pair(x, y), {"x": x, "y": y},
+        [x, torch.zeros(4)],  # lengths differ
+        [x, torch.tensor(1.0)],  # a 0-dim field
+        [x, ["a"] * 6],  # a per-sample list
+        {"x": x, "meta": {"w": torch.ones(2)}},  # nested
+        [torch.tensor(2.0)], [], "text",
+    ]
+    spec = BatchSpec()
+    for batch in batches:
+        try:
+            expected = spec.num_samples(batch)
+        except PluginError:
+            expected = 0
+        assert count_samples(batch, spec) == expected, batch
+    assert count_samples([x, y], spec) == 6
+    # a spec that names fields is always asked
+    named = BatchSpec(size_field="1")
+    assert named.names_fields and not spec.names_fields
+    assert count_samples([x, torch.zeros(4)], named) == 4

@@ -185,6 +185,19 @@ def test_a_prepared_caller_runs_the_chain_like_chain_and_calls_after_per_plugin(
         host.caller("batchkit_state_dict")
 
 
+def test_a_caller_fetched_for_positional_calls_checks_the_argument_order() -> None:
+    host = PluginHost()
+    host.register(Append("a"), name="a")
+    transform = host.caller("batchkit_transform_batch", positional=("batch", "module", "ctx"))
+    seen: list[str] = []
+    assert transform([], None, host.ctx, lambda name, value: seen.append(name)) == ["a"]
+    assert seen == ["a"]
+    with pytest.raises(TypeError, match=r"takes \(batch, module, ctx\), not \(module, batch, ctx\)"):
+        host.caller("batchkit_transform_batch", positional=("module", "batch", "ctx"))
+    with pytest.raises(TypeError, match="optimizer, ctx"):
+        host.caller("batchkit_before_optimizer_step", positional=("ctx",))
+
+
 def test_a_chain_called_without_one_of_the_hooks_arguments_fails_naming_it() -> None:
     host = PluginHost([Append("a")])
     with pytest.raises(TypeError, match="module"):
