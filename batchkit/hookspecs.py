@@ -28,8 +28,11 @@ the host calls implementations itself, in the order above.
 How the host calls them: for each hook it prepares, once per plugin list, one function that calls
 every implementation in chain order with the arguments that implementation declares
 (:meth:`batchkit.host.PluginHost.caller`; ``chain`` and ``notify`` use it), so a plugin's per-step
-hook costs about one Python call. An exception raised by an implementation carries a note naming
-the plugin and the hook. Per-plugin timing of every call (``PluginHost.timings``) is off unless
+hook costs about one Python call. Code that runs a hook on every step (the host's training_step
+wrapper and per-batch callback hooks) fetches that function once per fit and passes the arguments
+in declaration order (``host.caller(hook, positional=(...))`` checks the order against the
+declaration). An exception raised by an implementation carries a note naming the plugin and the
+hook. Per-plugin timing of every call (``PluginHost.timings``) is off unless
 asked for (``BatchKitCallback(time_hooks=True)`` or ``print_summary=True``), as with a profiler.
 
 The ``ctx`` argument is the host's :class:`batchkit.host.BatchKitContext`: where training stands
