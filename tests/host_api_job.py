@@ -27,6 +27,7 @@ from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit.testing import IndexedDataset  # noqa: E402
 from batchkit.testing import TinyModule  # noqa: E402
 from batchkit.testing import write_rank_record  # noqa: E402
+from batchkit.testing import exit_rank_job
 
 
 class Module(TinyModule):
@@ -67,3 +68,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank_job()  # see batchkit.testing.exit_rank_job: no teardown abort after the record is written

@@ -194,10 +194,28 @@ def launch(script: str | Path, out: str | Path, *args: str, timeout: float = 400
                           timeout=timeout, cwd=out, check=False)
 
 
+def exit_rank_job() -> None:
+    """End a multi-process job script once it has written its record: destroy the process group
+    and leave without the interpreter's and the C++ runtime's exit handlers (``os._exit(0)``).
+
+    At normal exit a rank can abort in C++ static destructors while gloo's threads are still alive
+    ("terminate called without an active exception", SIGABRT), after everything the test checks was
+    written; fresh-clone CI runs hit it in two different job scripts. Call it as the last line of
+    the script's ``__main__`` block, after ``main()`` returned (a job that raised still fails)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def write_rank_record(out: str | Path, rank: int, record: dict[str, Any]) -> None:
     """What a 2-process job writes for :func:`run_two_ranks` to read."""
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
-__all__ = ["FailAtStep", "IndexedDataset", "TinyMoEModule", "TinyModule", "TinyRouter", "launch", "make_trainer", "run_two_ranks", "write_rank_record"]
+__all__ = [
+    "FailAtStep", "IndexedDataset", "TinyMoEModule", "TinyModule", "TinyRouter", "exit_rank_job", "launch", "make_trainer",
+    "run_two_ranks", "write_rank_record",
+]

@@ -22,6 +22,7 @@ from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.testing import write_rank_record  # noqa: E402
 from batchkit.testing.conformance import SampleRecorder  # noqa: E402
 from batchkit.testing.conformance import load_object  # noqa: E402
+from batchkit.testing import exit_rank_job
 
 
 def main() -> None:
@@ -53,3 +54,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank_job()  # see batchkit.testing.exit_rank_job: no teardown abort after the record is written

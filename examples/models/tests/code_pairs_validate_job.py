@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 
 from batchkit_examples.code_pairs import CodePairsDataModule
 from batchkit_examples.code_pairs import load_reference_model
+from batchkit.testing import exit_rank_job
 
 if __name__ == "__main__":
     checkpoint, out, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -26,3 +27,4 @@ if __name__ == "__main__":
     if trainer.global_rank == 0:
         with open(out, "w") as f:
             json.dump({k: float(v) for k, v in metrics.items()}, f)
+    exit_rank_job()  # see batchkit.testing.exit_rank_job

@@ -31,6 +31,7 @@ from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit_coresets.testing import SMALL_SOURCE  # noqa: E402
 from batchkit_coresets.testing import SourceModule  # noqa: E402
 from batchkit_coresets.testing import source_loader  # noqa: E402
+from batchkit.testing import exit_rank_job
 
 #: 128 samples, 2 ranks, b = 4 per rank, B = 8: 8 steps per epoch, 2 epochs
 N, BATCH, EPOCHS, SAVE_AT = 128, 4, 2, 11
@@ -85,3 +86,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank_job()  # see batchkit.testing.exit_rank_job: no teardown abort after the record is written

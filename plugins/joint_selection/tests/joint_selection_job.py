@@ -32,6 +32,7 @@ from batchkit_joint_selection import CABSSelection  # noqa: E402
 from batchkit_joint_selection import JESTSelection  # noqa: E402
 from batchkit_joint_selection.testing import TinyTwoTower  # noqa: E402
 from batchkit_joint_selection.testing import pair_loader  # noqa: E402
+from batchkit.testing import exit_rank_job
 
 EPOCHS = 2
 RESUME_STEP = 8
@@ -97,3 +98,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank_job()  # see batchkit.testing.exit_rank_job: no teardown abort after the record is written

@@ -17,6 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch
+from batchkit.testing import exit_rank_job
 
 STEPS = 20
 GLOBAL_BATCH = 8
@@ -109,13 +110,7 @@ def _worker(rank: int, port: int, out_dir: str, scenarios: list[str], impl: str)
             torch.save(single_process(scenario, impl), os.path.join(out_dir, f"{scenario}.single.pt"))
         engine.destroy()
         torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # Everything is saved and the group is gone. Leave without running the C++ static destructors:
-    # once in a fresh-clone run, a rank aborted there ("terminate called without an active
-    # exception", SIGABRT) after finishing every scenario, failing the test for nothing it checks.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank_job()  # everything is saved: see batchkit.testing.exit_rank_job
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from batchkit.testing import write_rank_record  # noqa: E402
 from batchkit_multigrid import MultigridPlugin  # noqa: E402
 from batchkit_multigrid.testing import TinyShapeModule  # noqa: E402
 from batchkit_multigrid.testing import clip_loader  # noqa: E402
+from batchkit.testing import exit_rank_job
 
 
 class EpochLengths(Plugin):
@@ -65,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank_job()  # see batchkit.testing.exit_rank_job: no teardown abort after the record is written
