@@ -30,7 +30,7 @@ from batchkit import dist  # noqa: E402
 from batchkit import hookimpl  # noqa: E402
 from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 
 class FailOnRank(Plugin):

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from batchkit import deepspeed_compat  # noqa: E402
 from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 MICRO_BATCH = 2
 LR = 0.1

@@ -27,7 +27,7 @@ from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit.testing import IndexedDataset  # noqa: E402
 from batchkit.testing import TinyModule  # noqa: E402
 from batchkit.testing import write_rank_record  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 
 class Module(TinyModule):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from typing import NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -194,7 +195,7 @@ def launch(script: str | Path, out: str | Path, *args: str, timeout: float = 400
                           timeout=timeout, cwd=out, check=False)
 
 
-def exit_rank_job() -> None:
+def exit_rank_job() -> NoReturn:
     """End a multi-process job script once it has written its record: destroy the process group
     and leave without the interpreter's and the C++ runtime's exit handlers (``os._exit(0)``).
 

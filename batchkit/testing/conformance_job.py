@@ -22,7 +22,7 @@ from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.testing import write_rank_record  # noqa: E402
 from batchkit.testing.conformance import SampleRecorder  # noqa: E402
 from batchkit.testing.conformance import load_object  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit.testing import write_rank_record  # noqa: E402
 from batchkit_contrastive_mining import testing  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 EPOCHS = 2
 ENTRY = {"plugin": "b3", "queries": "texts", "targets": "target_texts",

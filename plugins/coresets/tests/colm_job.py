@@ -31,7 +31,7 @@ from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit_coresets.testing import SMALL_SOURCE  # noqa: E402
 from batchkit_coresets.testing import SourceModule  # noqa: E402
 from batchkit_coresets.testing import source_loader  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 #: 128 samples, 2 ranks, b = 4 per rank, B = 8: 8 steps per epoch, 2 epochs
 N, BATCH, EPOCHS, SAVE_AT = 128, 4, 2, 11

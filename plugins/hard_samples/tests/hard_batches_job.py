@@ -30,7 +30,7 @@ from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit.testing import IndexedDataset  # noqa: E402
 from batchkit_hard_samples import HardBatchSelection  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 EPOCHS = 3
 

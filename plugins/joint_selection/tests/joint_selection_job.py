@@ -32,7 +32,7 @@ from batchkit_joint_selection import CABSSelection  # noqa: E402
 from batchkit_joint_selection import JESTSelection  # noqa: E402
 from batchkit_joint_selection.testing import TinyTwoTower  # noqa: E402
 from batchkit_joint_selection.testing import pair_loader  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 EPOCHS = 2
 RESUME_STEP = 8

@@ -26,7 +26,7 @@ from batchkit import hookimpl  # noqa: E402
 from batchkit.lightning import BatchKitCallback  # noqa: E402
 from batchkit.lightning import CPUDeepSpeedStrategy  # noqa: E402
 from batchkit_moe_balance import MoELoadBalancing  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 
 class Recorder(Plugin):

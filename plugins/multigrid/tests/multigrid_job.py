@@ -25,7 +25,7 @@ from batchkit.testing import write_rank_record  # noqa: E402
 from batchkit_multigrid import MultigridPlugin  # noqa: E402
 from batchkit_multigrid.testing import TinyShapeModule  # noqa: E402
 from batchkit_multigrid.testing import clip_loader  # noqa: E402
-from batchkit.testing import exit_rank_job
+from batchkit.testing import exit_rank_job  # noqa: E402
 
 
 class EpochLengths(Plugin):
