@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import linecache
 import math
-import operator
 import time
 import zlib
 from dataclasses import dataclass
@@ -202,32 +201,24 @@ class BatchKitContext:
 
 
 class _Impl:
-    """One plugin's implementation of one hook, prepared for fast repeated calls.
+    """One plugin's implementation of one hook, in call order. Chains and notifications run it
+    through a prepared caller (:func:`_compile_dispatcher`); the per-plugin state hooks through
+    :meth:`call`."""
 
-    Hooks run on every training step, so the call is specialised once: the arguments the
-    implementation takes are picked out of the hook's keyword arguments by a prebuilt getter and
-    passed positionally (pluggy's argnames are in signature order).
-    """
-
-    __slots__ = ("plugin_name", "plugin", "function", "tier", "argnames", "call", "calls", "ns")
+    __slots__ = ("plugin_name", "plugin", "function", "tier", "argnames", "calls", "ns")
 
     def __init__(self, impl: pluggy.HookImpl) -> None:
-        function, argnames = impl.function, tuple(impl.argnames)
         self.plugin_name: str = impl.plugin_name
         self.plugin = impl.plugin
-        self.function = function
+        self.function = impl.function
         self.tier = TIERS[0] if impl.tryfirst else (TIERS[2] if impl.trylast else TIERS[1])
-        self.argnames = argnames
+        self.argnames = tuple(impl.argnames)  # in signature order
         self.calls = 0
         self.ns = 0  # total time in this implementation
-        if not argnames:
-            self.call: Callable[[dict[str, Any]], Any] = lambda kwargs: function()
-        elif len(argnames) == 1:
-            (name,) = argnames
-            self.call = lambda kwargs: function(kwargs[name])
-        else:
-            pick = operator.itemgetter(*argnames)
-            self.call = lambda kwargs: function(*pick(kwargs))
+
+    def call(self, kwargs: dict[str, Any]) -> Any:
+        """Call with the arguments it declares, taken from the hook's ``kwargs``."""
+        return self.function(*(kwargs[name] for name in self.argnames))
 
 
 def _compile_dispatcher(

@@ -251,12 +251,9 @@ class BatchKitCallback(Callback):
         progress = ctx.train_progress
         # Fixed for the whole fit: plugins are registered before it starts. Called positionally
         # (checked against the hook declarations here), as keyword matching costs on every step.
-        transform_batch = (host.caller("batchkit_transform_batch", positional=("batch", "module", "ctx"))
-                           if host.has_impls("batchkit_transform_batch") else None)
-        before_forward = (host.caller("batchkit_before_forward", positional=("batch", "module", "ctx"))
-                          if host.has_impls("batchkit_before_forward") else None)
-        transform_loss = (host.caller("batchkit_transform_loss", positional=("loss", "outputs", "batch", "module", "ctx"))
-                          if host.has_impls("batchkit_transform_loss") else None)
+        transform_batch = _per_step_caller(host, "batchkit_transform_batch", ("batch", "module", "ctx"))
+        before_forward = _per_step_caller(host, "batchkit_before_forward", ("batch", "module", "ctx"))
+        transform_loss = _per_step_caller(host, "batchkit_transform_loss", ("loss", "outputs", "batch", "module", "ctx"))
 
         def check_size(plugin: str, batch: Any) -> None:
             plan = ctx.super_batch
@@ -341,11 +338,8 @@ class BatchKitCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_started = time.perf_counter()
-        # None where no plugin implements the hook: nothing to call on every step
-        host = self.host
-        self._before_optimizer_step = (host.caller("batchkit_before_optimizer_step", positional=("optimizer", "ctx"))
-                                       if host.has_impls("batchkit_before_optimizer_step") else None)
-        self._step_end = host.caller("batchkit_step_end", positional=("ctx",)) if host.has_impls("batchkit_step_end") else None
+        self._before_optimizer_step = _per_step_caller(self.host, "batchkit_before_optimizer_step", ("optimizer", "ctx"))
+        self._step_end = _per_step_caller(self.host, "batchkit_step_end", ("ctx",))
         self.host.ctx.device = pl_module.device
         self._remove_optimizer_hooks()
         self._install_lr_scale(trainer)
@@ -472,6 +466,12 @@ class BatchKitCallback(Callback):
 
 def _is_plugin_object(value: Any) -> bool:
     return value is not None and not isinstance(value, (Mapping, DictConfig))
+
+
+def _per_step_caller(host: PluginHost, hook_name: str, positional: tuple[str, ...]) -> Callable[..., Any] | None:
+    """The prepared caller of a hook run on every step, taking ``positional`` in that order; None
+    where no plugin implements the hook, so the step has nothing to call."""
+    return host.caller(hook_name, positional=positional) if host.has_impls(hook_name) else None
 
 
 def count_samples(batch: Any, spec: BatchSpec) -> int:
