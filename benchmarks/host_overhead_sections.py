@@ -1,6 +1,7 @@
-"""Where the host overhead goes: the step-interleaved design of host_overhead.py with the training
-thread's CPU time split into sections of the training step, per side, as the difference from
-plain (microseconds per step, median over runs of each run's median step).
+"""Where the host overhead goes: an interleaved design of host_overhead.py (step-interleaved by
+default, block-interleaved with ``--block-steps``) with the training thread's CPU time split into
+sections of the training step, per side, as the difference from plain (microseconds per step,
+median over runs of each run's median step).
 
 Sections, in the order Lightning runs them under automatic optimization:
 
@@ -16,7 +17,7 @@ Sections, in the order Lightning runs them under automatic optimization:
     step_end        -> on_train_batch_end (optimizer.step; batchkit's step_end chain)
     fetch           on_train_batch_end -> the next on_train_batch_start (loader, collate)
 
-    python benchmarks/host_overhead_sections.py [--rounds 2]
+    python benchmarks/host_overhead_sections.py [--rounds 2] [--block-steps 1]
 
 A second use: ``--fit-only SIDE --epochs N`` trains one side and exits, for counting executed
 instructions with valgrind (the per-step count is the difference between N = 3 and N = 1 over
@@ -48,17 +49,18 @@ _current = threading.local()  # the section timer of the side this thread trains
 
 
 class SectionTimer(ho.Baton):
-    """The step-interleaved baton, also recording the thread CPU time of each section."""
+    """The interleaved baton, also recording the thread CPU time of each section (with ``block`` > 1
+    not for the first step of a turn, as the baton itself)."""
 
-    def __init__(self, index: int, turns: ho.Turns) -> None:
-        super().__init__(index, turns)
+    def __init__(self, index: int, turns: ho.Turns, block: int = 1) -> None:
+        super().__init__(index, turns, block)
         self.sections: dict[str, list[int]] = collections.defaultdict(list)
         self.mark_at: int | None = None
         self.batch_end: int | None = None
 
     def mark(self, trainer: pl.Trainer, section: str) -> None:
         now = time.thread_time_ns()
-        if self.mark_at is not None and trainer.current_epoch >= 1:
+        if self.mark_at is not None and trainer.current_epoch >= 1 and (self.block == 1 or not self.after_turn):
             self.sections[section].append(now - self.mark_at)
         self.mark_at = now
 
@@ -73,7 +75,7 @@ class SectionTimer(ho.Baton):
         pl_module.training_step = training_step
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.batch_end is not None and trainer.current_epoch >= 1:
+        if self.batch_end is not None and trainer.current_epoch >= 1 and (self.block == 1 or not self.after_turn):
             self.sections["fetch"].append(time.thread_time_ns() - self.batch_end)
         super().on_train_batch_start(trainer, *args)
         self.mark_at = time.thread_time_ns()
@@ -113,7 +115,8 @@ ORDER = ("lightning_pre", "wrapper_pre", "forward", "post", "zero_grad", "backwa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of 4 step-interleaved runs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of 4 interleaved runs")
+    parser.add_argument("--block-steps", type=int, default=1, help="steps per turn (1: step-interleaved; see host_overhead.Baton)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16384)
     parser.add_argument("--fit-only", choices=SIDES, help="train this side once and exit (for valgrind)")
@@ -134,7 +137,7 @@ def main() -> None:
             order = SIDES[shift:] + SIDES[:shift]
             gc.collect()
             turns = ho.Turns(len(order), seed=1000 + 10 * r + shift)
-            timers = [SectionTimer(i, turns) for i in range(len(order))]
+            timers = [SectionTimer(i, turns, args.block_steps) for i in range(len(order))]
 
             def train(i: int) -> None:
                 _current.timer = timers[i]
