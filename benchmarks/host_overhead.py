@@ -284,18 +284,20 @@ def run_interleaved(order: list[str], data: TensorDataset, epochs: int, hidden: 
     return {side: m / medians["plain"] for side, m in medians.items()}
 
 
-def interleaved_design(block: int, rounds: int, data: TensorDataset, epochs: int, hidden: int, batch_size: int,
-                       seed: int) -> dict[str, list[float]]:
-    """``rounds`` rounds of interleaved runs with ``block`` steps per turn, each side in every thread
-    position once per round (a Latin square); per side, each run's ratio to plain."""
+# the interleaved designs' sides: a second plain side ("plain_again") is their zero
+STEPPED = ("plain", "plain_again", "empty", "bare", "batchkit")
+
+
+def interleaved_round(block: int, r: int, data: TensorDataset, epochs: int, hidden: int, batch_size: int) -> dict[str, list[float]]:
+    """Round ``r`` of an interleaved design with ``block`` steps per turn: one run per thread
+    position of each side (a Latin square); per side, each run's ratio to plain."""
     ratios: dict[str, list[float]] = {side: [] for side in STEPPED[1:]}
-    for r in range(rounds):
-        for shift in range(len(STEPPED)):
-            order = list(STEPPED[shift:] + STEPPED[:shift])
-            now = run_interleaved(order, data, epochs, hidden, batch_size, seed=seed + r * 10 + shift, block=block)
-            for side in STEPPED[1:]:
-                ratios[side].append(now[side])
-            print(f"block {block}, run {r}.{shift} {order}: " + ", ".join(f"{s} {v:.4f}" for s, v in now.items() if s != "plain"))
+    for shift in range(len(STEPPED)):
+        order = list(STEPPED[shift:] + STEPPED[:shift])
+        now = run_interleaved(order, data, epochs, hidden, batch_size, seed=10 * r + shift, block=block)
+        for side in STEPPED[1:]:
+            ratios[side].append(now[side])
+        print(f"block {block}, run {r}.{shift} {order}: " + ", ".join(f"{s} {v:.4f}" for s, v in now.items() if s != "plain"))
     return ratios
 
 
@@ -315,10 +317,6 @@ def figures(ratios: dict[str, list[float]], design: str) -> dict[str, Any]:
         "runs": len(gaps),
         "design": design,
     }
-
-
-# the interleaved designs' sides: a second plain side ("plain_again") is their zero
-STEPPED = ("plain", "plain_again", "empty", "bare", "batchkit")
 
 
 def main() -> None:
@@ -355,7 +353,7 @@ def main() -> None:
     for r in range(max(args.block_rounds, args.interleaved_rounds)):
         for block, rounds, into in ((args.block_steps, args.block_rounds, blocked), (1, args.interleaved_rounds, stepped)):
             if r < rounds:
-                for side, v in interleaved_design(block, 1, data, args.epochs + 2, args.hidden, args.batch_size, seed=10 * r).items():
+                for side, v in interleaved_round(block, r, data, args.epochs + 2, args.hidden, args.batch_size).items():
                     into[side] += v
     # Run-interleaved design (for comparison): whole runs, the sides rotated within each repeat.
     timers: dict[str, list[StepTimer]] = {side: [] for side in sides}
