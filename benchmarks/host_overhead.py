@@ -404,7 +404,7 @@ def main() -> None:
         "summary": figures(blocked, block_design),
         "block_interleaved": design_detail(blocked, block_design),
         "step_interleaved": design_detail(stepped, "step-interleaved, 1 step per turn, every step timed"),
-        "interleaved_design": "sides in threads taking training steps in turn, random order each round; per run each side's "
+        "interleaved_design": "sides in threads taking turns of training steps, random order each round; per run each side's "
         "median step CPU time / plain's; every side in every thread position once per round; median over runs",
         "plain_step_ms": 1e3 * plain_alone.cpu,
         "run_interleaved": run_design,
