@@ -285,17 +285,17 @@ def run_interleaved(order: list[str], data: TensorDataset, epochs: int, hidden: 
 
 
 # the interleaved designs' sides: a second plain side ("plain_again") is their zero
-STEPPED = ("plain", "plain_again", "empty", "bare", "batchkit")
+INTERLEAVED_SIDES = ("plain", "plain_again", "empty", "bare", "batchkit")
 
 
 def interleaved_round(block: int, r: int, data: TensorDataset, epochs: int, hidden: int, batch_size: int) -> dict[str, list[float]]:
     """Round ``r`` of an interleaved design with ``block`` steps per turn: one run per thread
     position of each side (a Latin square); per side, each run's ratio to plain."""
-    ratios: dict[str, list[float]] = {side: [] for side in STEPPED[1:]}
-    for shift in range(len(STEPPED)):
-        order = list(STEPPED[shift:] + STEPPED[:shift])
+    ratios: dict[str, list[float]] = {side: [] for side in INTERLEAVED_SIDES[1:]}
+    for shift in range(len(INTERLEAVED_SIDES)):
+        order = list(INTERLEAVED_SIDES[shift:] + INTERLEAVED_SIDES[:shift])
         now = run_interleaved(order, data, epochs, hidden, batch_size, seed=10 * r + shift, block=block)
-        for side in STEPPED[1:]:
+        for side in INTERLEAVED_SIDES[1:]:
             ratios[side].append(now[side])
         print(f"block {block}, run {r}.{shift} {order}: " + ", ".join(f"{s} {v:.4f}" for s, v in now.items() if s != "plain"))
     return ratios
@@ -348,8 +348,8 @@ def main() -> None:
     # The interleaved designs: the sides train in turn inside one process, 2 + epochs - 1 timed
     # epochs per run. Block-interleaved (the summary) and step-interleaved, alternating by round so
     # that both see the same hour of the machine.
-    blocked: dict[str, list[float]] = {side: [] for side in STEPPED[1:]}
-    stepped: dict[str, list[float]] = {side: [] for side in STEPPED[1:]}
+    blocked: dict[str, list[float]] = {side: [] for side in INTERLEAVED_SIDES[1:]}
+    stepped: dict[str, list[float]] = {side: [] for side in INTERLEAVED_SIDES[1:]}
     for r in range(max(args.block_rounds, args.interleaved_rounds)):
         for block, rounds, into in ((args.block_steps, args.block_rounds, blocked), (1, args.interleaved_rounds, stepped)):
             if r < rounds:
